@@ -1,0 +1,23 @@
+# Two entry points, both self-installing into .venv/ (see README).
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tetris plan --model llama3-8b --hardware h100 --prefill-instances 8 \
+		--availability 0,0,0,3,3,3,3,3 --request 131072 --request 8192@0.5 \
+		--solver cp --gantt tetris-plan.png
+	@echo "Gantt chart written to tetris-plan.png"
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check tetris tests benchmarks
+	$(VENV)/bin/mypy tetris/solver
+	$(VENV)/bin/python -m pytest

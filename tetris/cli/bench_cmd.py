@@ -1,0 +1,81 @@
+"""`tetris bench solver`: planner latency and quality as JSON on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.progress import Progress
+
+from tetris.evaluation.solver_bench import BenchConfig, run_bench
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _ms_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated milliseconds, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"time limits must be > 0 ms, got {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks that print JSON")
+    kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    solver = kinds.add_parser("solver", help="planner latency and quality on random problems")
+    defaults = BenchConfig()
+    solver.add_argument("--instances", type=_int_list, default=list(defaults.instances),
+                        help="prefill instance counts (default 8,16,32)")
+    solver.add_argument("--requests", type=_int_list, default=list(defaults.requests),
+                        help="pending request counts (default 4,16,32)")
+    solver.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help="random problems per cell (default %(default)s)")
+    solver.add_argument("--cp-time-limits-ms", type=_ms_list,
+                        default=list(defaults.cp_time_limits_ms),
+                        help="CP-SAT time limits to compare (default 50,200,1000)")
+    solver.add_argument("--milp-max-requests", type=int, default=defaults.milp_max_requests,
+                        help="run the MILP only on cells with at most this many requests")
+    solver.add_argument("--milp-max-instances", type=int, default=defaults.milp_max_instances,
+                        help="... and at most this many instances")
+    solver.set_defaults(handler=_run_solver)
+
+
+def _run_solver(args: argparse.Namespace) -> int:
+    if args.seeds <= 0:
+        raise ValueError(f"--seeds must be > 0, got {args.seeds}")
+    config = BenchConfig(
+        instances=args.instances,
+        requests=args.requests,
+        seeds=args.seeds,
+        cp_time_limits_ms=args.cp_time_limits_ms,
+        milp_max_requests=args.milp_max_requests,
+        milp_max_instances=args.milp_max_instances,
+    )
+    total = len(config.instances) * len(config.requests) * config.seeds
+    with Progress(transient=True, console=None, redirect_stdout=False) as progress:
+        task = progress.add_task("solver bench", total=total)
+
+        def step(label: str) -> None:
+            progress.update(task, advance=1, description=label)
+
+        result = run_bench(config, step)
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

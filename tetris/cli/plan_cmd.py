@@ -1,0 +1,380 @@
+"""`tetris plan`: offline plan inspection for one cluster snapshot and a set of requests.
+
+Times are seconds from now (now = 0): `--availability` says when each prefill instance is free of
+committed work, request arrivals may lie ahead. The plan comes out as a table, the JSON contract
+of `tetris.solver.plan_json`, and optionally a Gantt chart of instances × time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tetris.cli.errors import UsageError, for_option, one_line
+from tetris.solver.cluster import ClusterSpec
+from tetris.solver.cost_model import CostModel
+from tetris.solver.hardware import load_hardware
+from tetris.solver.model_spec import ModelSpec, load_model_spec
+from tetris.solver.plan_json import PlanReport, report_from_result
+from tetris.solver.problem import DEFAULT_BLOCK_TOKENS, PendingRequest, Problem
+from tetris.solver.request import SloSpec
+
+SOLVERS = ("greedy", "cp", "milp")  # kept in step with tetris.solver.api.PLANNERS
+GANTT_SUFFIXES = (".png", ".svg")
+DEFAULT_TTFT_SLO_SCALE = 5.0
+
+EXAMPLE = """example:
+  tetris plan --prefill-instances 8 --availability 0,0,0,3,3,3,3,3 \\
+      --request 131072 --request 8192@0.5 --gantt plan.png"""
+
+
+# -- argument types: argparse reports their ArgumentTypeError as "argument --opt: <message>" ---
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _availability(text: str) -> list[float]:
+    values = []
+    for i, item in enumerate(text.split(",")):
+        try:
+            values.append(_nonnegative_float(item.strip()))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"entry {i}: {err}") from None
+    return values
+
+
+def _request_spec(text: str) -> tuple[int, float]:
+    # Tokens are range-checked later, where the request's id and the model are known.
+    tokens_text, _, arrival_text = text.partition("@")
+    try:
+        tokens = int(tokens_text)
+        arrival = _number(arrival_text) if arrival_text else 0.0
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected TOKENS[@ARRIVAL_S], e.g. 8192@0.5, got {text!r}"
+        ) from None
+    return tokens, arrival
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the example's line breaks; shows defaults, except where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan requests on a cluster snapshot and show the plan",
+        description="Plan requests on a snapshot of the prefill cluster (times in seconds from\n"
+        "now) and print the plan as a table or JSON, optionally with a Gantt chart.",
+        epilog=EXAMPLE,
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("cluster")
+    g.add_argument("--model", default="llama3-8b", help="preset name or HF config.json / dir")
+    g.add_argument("--hardware", default="h100", help="preset name or HardwareSpec .json")
+    g.add_argument("--prefill-instances", type=_positive_int, default=8, metavar="N",
+                   help="prefill instances (GPUs), numbered 0..N-1")
+    g.add_argument("--gpus-per-node", type=_positive_int, default=8, metavar="N",
+                   help="instances per node: groups across nodes pay the network link")
+    g.add_argument(
+        "--availability", type=_availability, metavar="A0,...,A(N-1)",
+        help="seconds from now each prefill instance is free (default: all 0)",
+    )
+    g = p.add_argument_group("requests")
+    one = g.add_mutually_exclusive_group(required=True)
+    one.add_argument(
+        "--request", type=_request_spec, action="append", metavar="TOKENS[@ARRIVAL_S]",
+        help="a prompt of TOKENS arriving ARRIVAL_S from now (default 0); repeatable",
+    )
+    one.add_argument(
+        "--requests", type=Path, metavar="FILE.jsonl",
+        help="one JSON object a line: prompt_tokens, optional arrival_s, request_id, ttft_slo_s",
+    )
+    slo = g.add_mutually_exclusive_group()
+    slo.add_argument("--ttft-slo", type=_positive_float, metavar="SECONDS",
+                     help="absolute TTFT SLO for every request")
+    slo.add_argument(
+        "--ttft-slo-scale", type=_positive_float, metavar="X",
+        help="TTFT SLO = X × the request's isolated best-case TTFT "
+        f"(default {DEFAULT_TTFT_SLO_SCALE:g})",
+    )
+    g = p.add_argument_group("solver")
+    g.add_argument("--solver", choices=SOLVERS, default="cp", help="planner")
+    g.add_argument("--time-limit-ms", type=_positive_float, metavar="MS",
+                   help="wall-clock limit (default: the solver's own)")
+    g.add_argument("--max-chunks", type=_positive_int, metavar="K",
+                   help="chunks per request at most (1: one SP size per request)")
+    g.add_argument("--max-sp", type=_positive_int, metavar="S", help="SP size of any chunk at most")
+    g.add_argument("--block-tokens", type=_positive_int, default=DEFAULT_BLOCK_TOKENS,
+                   metavar="B", help="chunk boundaries are multiples of B tokens")
+    g.add_argument("--gpu-cost-weight", type=_nonnegative_float, default=0.0, metavar="λ",
+                   help="objective price of a GPU-second, in seconds of TTFT")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=("table", "json"), default="table",
+                   help="json: the plan report, one object on stdout")
+    g.add_argument("--gantt", type=Path, metavar="FILE.png|.svg", help="also draw a Gantt chart")
+    p.set_defaults(handler=run)
+
+
+# -- requests ----------------------------------------------------------------------------------
+class RequestLine(BaseModel):
+    """One line of a --requests file."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt_tokens: int = Field(strict=True, gt=0)
+    arrival_s: float = 0.0
+    request_id: str | None = Field(default=None, min_length=1)
+    ttft_slo_s: float | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class RequestIn:
+    where: str  # how errors name it: "--request r1" or "FILE:LINE"
+    request_id: str
+    prompt_tokens: int
+    arrival_s: float
+    ttft_slo_s: float | None = None
+
+
+def requests_from_options(specs: list[tuple[int, float]]) -> list[RequestIn]:
+    return [RequestIn(f"--request r{i}", f"r{i}", t, a) for i, (t, a) in enumerate(specs)]
+
+
+def requests_from_file(path: Path) -> list[RequestIn]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--requests: cannot read {path}: {one_line(err)}") from None
+    out: list[RequestIn] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        try:
+            line = RequestLine.model_validate(obj)
+        except ValidationError as err:
+            raise UsageError(f"{where}: {one_line(err)}") from None
+        rid = line.request_id or f"r{len(out)}"
+        out.append(RequestIn(where, rid, line.prompt_tokens, line.arrival_s, line.ttft_slo_s))
+    if not out:
+        raise UsageError(f"--requests: {path} holds no requests")
+    return out
+
+
+def pending_requests(
+    requests: list[RequestIn], cost_model: CostModel, slo: SloSpec
+) -> tuple[PendingRequest, ...]:
+    model: ModelSpec = cost_model.model
+    seen: dict[str, str] = {}
+    out = []
+    for r in requests:
+        if r.request_id in seen:
+            raise UsageError(
+                f"{r.where}: request id {r.request_id!r} already used at {seen[r.request_id]}"
+            )
+        seen[r.request_id] = r.where
+        if not 0 < r.prompt_tokens <= model.max_context:
+            raise UsageError(
+                f"{r.where}: prompt tokens must be in [1, {model.max_context}] "
+                f"(max context of {model.name}), got {r.prompt_tokens}"
+            )
+        slo_s = r.ttft_slo_s
+        if slo_s is None:
+            best = cost_model.best_isolated_ttft(r.prompt_tokens)
+            if not math.isfinite(best):
+                raise UsageError(
+                    f"{r.where}: the KV cache of {r.prompt_tokens} tokens does not fit on "
+                    f"{cost_model.cluster.prefill_instances} prefill instances"
+                )
+            slo_s = slo.ttft_for(best)
+        out.append(PendingRequest(r.request_id, r.arrival_s, r.prompt_tokens, slo_s))
+    return tuple(out)
+
+
+# -- the command -------------------------------------------------------------------------------
+def build_problem(args: argparse.Namespace) -> Problem:
+    """Every option checked, every error a UsageError naming its option, file line or request."""
+    model = for_option("--model", load_model_spec, args.model)
+    hardware = for_option("--hardware", load_hardware, args.hardware)
+    n = args.prefill_instances
+    cluster = ClusterSpec(prefill_instances=n, gpus_per_node=args.gpus_per_node)
+    availability = args.availability or [0.0] * n
+    if len(availability) != n:
+        raise UsageError(
+            f"--availability: has {len(availability)} entries but --prefill-instances is {n}"
+        )
+    if args.max_sp is not None and args.max_sp > n:
+        raise UsageError(f"--max-sp: must be <= --prefill-instances ({n}), got {args.max_sp}")
+    cost_model = CostModel(model, hardware, cluster)
+    if args.ttft_slo is not None:
+        slo = SloSpec(ttft_s=args.ttft_slo)
+    else:
+        slo = SloSpec(ttft_scale=args.ttft_slo_scale or DEFAULT_TTFT_SLO_SCALE)
+    if args.requests is not None:
+        raw = requests_from_file(args.requests)
+    else:
+        raw = requests_from_options(args.request)
+    return Problem(
+        cost_model=cost_model,
+        availability_s=tuple(availability),
+        requests=pending_requests(raw, cost_model, slo),
+        now_s=0.0,
+        block_tokens=args.block_tokens,
+        max_chunks=args.max_chunks,
+        max_sp=args.max_sp,
+        gpu_cost_weight=args.gpu_cost_weight,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    gantt: Path | None = args.gantt
+    if gantt is not None and gantt.suffix.lower() not in GANTT_SUFFIXES:
+        raise UsageError(f"--gantt: {gantt} must end in .png or .svg")
+    if gantt is not None and not gantt.parent.is_dir():
+        # Checked before solving, so a typo does not cost a long MILP run.
+        raise UsageError(f"--gantt: directory {gantt.parent} does not exist")
+    problem = build_problem(args)
+    # Imported here: the solvers pull in OR-Tools and PuLP, which `tetris --version` needs not.
+    from tetris.solver.api import solve
+
+    result = solve(problem, args.solver, args.time_limit_ms)
+    report = report_from_result(problem, result)
+    if args.format == "json":
+        print(report.model_dump_json())
+    else:
+        print_table(report, problem)
+    if not result.status.has_plans:
+        print(f"tetris: solver {result.solver} found no plan: {result.status.value}",
+              file=sys.stderr)
+        return 1
+    if gantt is not None:
+        from tetris.evaluation.gantt import draw_gantt
+
+        model = problem.cost_model.model.name
+        hw = problem.cost_model.hardware.name
+        title = (f"{model} on {problem.num_instances}× {hw}: {len(report.plans)} requests, "
+                 f"solver {result.solver} ({result.status.value})")
+        try:
+            draw_gantt(report, gantt, title, gpus_per_node=problem.cost_model.cluster.gpus_per_node)
+        except OSError as err:
+            raise UsageError(f"--gantt: cannot write {gantt}: {one_line(err)}") from None
+        if args.format != "json":
+            print(f"Gantt chart written to {gantt}")
+    return 0
+
+
+# -- table output ------------------------------------------------------------------------------
+def format_instances(instances: list[int]) -> str:
+    """Runs compressed: [0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    ordered = sorted(instances)
+    start = prev = ordered[0]
+    for g in [*ordered[1:], None]:
+        if g is not None and g == prev + 1:
+            prev = g
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if g is not None:
+            start = prev = g
+    return ",".join(parts)
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_table(report: PlanReport, problem: Problem) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    # Captured or piped output gets a fixed width, so the tables never wrap mid-row.
+    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 110)
+    s = report.solver
+    extras = escape(" ".join(
+        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.stats.items()
+    ))
+    line = (f"solver [bold]{s.name}[/]: {s.status}, {s.wall_ms:.1f} ms, "
+            f"objective {_num(s.objective, 4)}, bound {_num(s.bound, 4)}")
+    console.print(line + (f"  ({extras})" if extras else ""), soft_wrap=True)
+    cm = problem.cost_model
+    console.print(
+        f"{cm.model.name} on {problem.num_instances} × {cm.hardware.name}; availability (s): "
+        + " ".join(f"{a:g}" for a in report.availability_s),
+        soft_wrap=True,
+    )
+    if not report.plans:
+        return
+    chunks = Table(title="Chunks", box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("request", "chunk", "tokens", "SP", "instances", "start s", "end s"):
+        chunks.add_column(name, justify="left" if name in ("request", "instances") else "right")
+    for plan in report.plans:
+        for k, c in enumerate(plan.chunks):
+            chunks.add_row(
+                escape(plan.request_id) if k == 0 else "", str(k), f"{c.start_token}-{c.end_token}",
+                str(c.sp), format_instances(c.instances), _num(c.start_s), _num(c.end_s),
+                end_section=k == len(plan.chunks) - 1,
+            )
+    requests = Table(title="Requests", box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("request", "arrival s", "tokens", "chunks", "prefill end s", "TTFT s",
+                 "SLO s", "slack s", "SLO"):
+        requests.add_column(name, justify="left" if name in ("request", "SLO") else "right")
+    for plan in report.plans:
+        requests.add_row(
+            escape(plan.request_id), _num(plan.arrival_s), str(plan.prompt_tokens),
+            str(len(plan.chunks)),
+            _num(plan.prefill_end_s), _num(plan.ttft_s), _num(plan.ttft_slo_s),
+            _num(plan.slo_slack_s), "met" if plan.meets_slo else "[red]MISSED[/]",
+        )
+    console.print(chunks)
+    console.print(requests)

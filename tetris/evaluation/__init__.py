@@ -1,0 +1,1 @@
+"""Simulator, baselines, workloads, metrics, plots (the Gantt chart lives here too)."""

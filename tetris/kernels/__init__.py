@@ -1,0 +1,1 @@
+"""Attention returning (out, lse), LSE merging, and attention over an SP group."""

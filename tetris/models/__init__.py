@@ -1,0 +1,1 @@
+"""Llama-family decoder with explicit positions and pluggable attention; weight loading."""

@@ -1,0 +1,1 @@
+"""Ray actors executing validated plans, KV transfer, decode batching, the HTTP daemon."""

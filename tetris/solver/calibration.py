@@ -1,0 +1,308 @@
+"""Fit the prefill cost coefficients of `cost_model.CostModel` to measured chunk times.
+
+A measured row is one chunk: `tokens` new tokens after a `prefix` on an SP group of `sp`
+instances, over intra- or cross-node links, taking `seconds`. `CostModel.chunk_seconds` is linear
+in its seven prefill coefficients, with the feature vector (x = cross-node link, i.e. cross_node
+and s > 1):
+
+    [1, (s−1)·[¬x], (s−1)·[x], c/s, (c·p + c(c+1)/2)/s, (p+c)(s−1)/s·[¬x], (p+c)(s−1)/s·[x]]
+
+for (fixed_s, step_intra_s, step_inter_s, lin_s_per_token, attn_s_per_pair,
+comm_intra_s_per_token, comm_inter_s_per_token). Times span orders of magnitude, so the fit
+minimises the *relative* squared error Σ ((f·θ − t) / t)² subject to θ ≥ 0 (the coefficients are
+physical rates): non-negative least squares (Lawson–Hanson) on the rows scaled by 1/t.
+
+Coefficients that the data cannot identify keep the value of `base` and are listed in
+`FitReport.fixed_from_base`: a feature column that is all zero (e.g. no cross-node rows), or one
+that is a linear combination of columns fitted before it (e.g. every SP row has the same s, so
+(s−1) is a multiple of the constant column). Columns are considered in the order fixed, lin,
+attn, comm_intra, step_intra, comm_inter, step_inter; the contribution of a kept base value is
+subtracted from the measured time before the fit. Decode coefficients are copied from `base`
+(they are not measured by prefill rows).
+
+The report gives the in-sample mean and max absolute percentage error, R² on seconds, and the
+leave-one-out MAPE (each row predicted by a fit on the others) when there are more rows than
+fitted coefficients: the honest estimate of how well the model predicts an unseen chunk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tetris.solver.cost_model import CostCoefficients
+
+FloatArray = npt.NDArray[np.float64]
+
+#: The prefill coefficients, in the order of `chunk_features`.
+PREFILL_COEFFICIENTS: tuple[str, ...] = (
+    "fixed_s",
+    "step_intra_s",
+    "step_inter_s",
+    "lin_s_per_token",
+    "attn_s_per_pair",
+    "comm_intra_s_per_token",
+    "comm_inter_s_per_token",
+)
+# Which column is tried first when deciding identifiability (indices into PREFILL_COEFFICIENTS):
+# the big terms before the small link terms.
+_PRIORITY = (0, 3, 4, 5, 1, 6, 2)
+
+CSV_COLUMNS = ("tokens", "prefix", "sp", "seconds")
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One measured chunk: `tokens` after `prefix` on `sp` instances took `seconds`."""
+
+    tokens: int
+    prefix: int
+    sp: int
+    seconds: float
+    cross_node: bool = False
+
+
+def chunk_features(tokens: int, prefix: int, sp: int, cross_node: bool = False) -> list[float]:
+    """The feature vector f with CostModel.chunk_seconds(...) == f · prefill coefficients."""
+    inter = cross_node and sp > 1
+    ring = (prefix + tokens) * (sp - 1) / sp
+    steps = float(sp - 1)
+    return [
+        1.0,
+        0.0 if inter else steps,
+        steps if inter else 0.0,
+        tokens / sp,
+        (tokens * prefix + tokens * (tokens + 1) / 2) / sp,
+        0.0 if inter else ring,
+        ring if inter else 0.0,
+    ]
+
+
+class FitReport(BaseModel):
+    """How well the fitted T(c, p, s) reproduces the measured rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_rows: int = Field(ge=0)
+    mean_abs_pct_error: float = Field(ge=0, description="in-sample MAPE, percent")
+    max_abs_pct_error: float = Field(ge=0, description="in-sample worst row, percent")
+    r_squared: float = Field(description="1 − SS_res/SS_tot on seconds (1.0 if both are 0)")
+    loo_mean_abs_pct_error: float | None = Field(
+        default=None,
+        description="leave-one-out MAPE, percent; None unless rows > fitted coefficients",
+    )
+    fitted: list[str] = Field(default_factory=list, description="coefficients fitted")
+    fixed_from_base: list[str] = Field(
+        default_factory=list,
+        description="prefill coefficients the rows cannot identify: kept from the base",
+    )
+
+
+class Calibration(BaseModel):
+    """Fitted coefficients for one (model, hardware), as `tetris profile` writes them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    hardware: str
+    coefficients: CostCoefficients
+    report: FitReport
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a saved calibration; ValueError naming the file if its content is not one."""
+        text = Path(path).read_text()
+        try:
+            return cls.model_validate(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
+        except ValidationError as err:
+            raise ValueError(f"{path}: not a calibration file: {err}") from None
+
+
+# -- non-negative least squares ---------------------------------------------------------------
+def nnls(a: FloatArray, b: FloatArray, max_iter: int | None = None) -> FloatArray:
+    """argmin ‖a·x − b‖₂ subject to x ≥ 0 (Lawson & Hanson 1974, active-set method).
+
+    The passive set P holds the free variables; each outer step frees the variable whose
+    gradient −aᵀ(b − a·x) most wants it to grow, then the inner loop moves toward the
+    unconstrained solution on P and drops variables that would turn negative. After `max_iter`
+    outer steps (default 3n; only reached on degenerate, rank-deficient input) the current
+    feasible x is returned."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    m, n = a.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    col_sum = float(np.abs(a).sum(axis=0).max(initial=0.0))
+    tol = 10 * float(np.finfo(np.float64).eps) * max(m, n) * max(1.0, col_sum)
+    limit = 3 * n if max_iter is None else max_iter
+    w = a.T @ (b - a @ x)
+    for _ in range(limit):
+        if passive.all() or np.max(w[~passive]) <= tol:
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if np.all(z[passive] > 0):
+                break
+            # Walk from x toward z until the first passive variable reaches zero.
+            hit = passive & (z <= 0)
+            gap = x[hit] - z[hit]  # ≥ 0: x ≥ 0 ≥ z on `hit`
+            alpha = float(np.min(np.divide(x[hit], gap, out=np.zeros_like(gap), where=gap > 0)))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+            if not passive.any():
+                z = np.zeros(n)
+                break
+        x = z
+        w = a.T @ (b - a @ x)
+    return np.maximum(x, 0.0)
+
+
+# -- fitting ----------------------------------------------------------------------------------
+def _check_rows(rows: Sequence[Measurement]) -> None:
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 measured rows to fit, got {len(rows)}")
+    for i, r in enumerate(rows):
+        if not (math.isfinite(r.seconds) and r.seconds > 0):
+            raise ValueError(f"row {i} ({r}): seconds must be a positive finite number")
+        if r.tokens < 1 or r.prefix < 0 or r.sp < 1:
+            raise ValueError(f"row {i} ({r}): need tokens ≥ 1, prefix ≥ 0 and sp ≥ 1")
+
+
+def _identifiable(weighted: FloatArray) -> list[int]:
+    """Columns (in priority order) each adding rank to those before it."""
+    norms = np.linalg.norm(weighted, axis=0)
+    chosen: list[int] = []
+    for j in _PRIORITY:
+        if norms[j] == 0:
+            continue
+        trial = [*chosen, j]
+        sub = weighted[:, trial] / norms[trial]
+        if np.linalg.matrix_rank(sub) == len(trial):
+            chosen.append(j)
+    return sorted(chosen)
+
+
+def _solve(features: FloatArray, target: FloatArray, seconds: FloatArray) -> FloatArray:
+    """Relative-error NNLS: rows scaled by 1/seconds, columns to unit norm (scale-free)."""
+    a = features / seconds[:, None]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    theta: FloatArray = nnls(a / scale, target / seconds) / scale
+    return theta
+
+
+def fit_coefficients(
+    rows: Sequence[Measurement], base: CostCoefficients
+) -> tuple[CostCoefficients, FitReport]:
+    """Fit the prefill coefficients to `rows`; the rest (and unidentifiable ones) from `base`."""
+    _check_rows(rows)
+    feats = np.array(
+        [chunk_features(r.tokens, r.prefix, r.sp, r.cross_node) for r in rows], dtype=np.float64
+    )
+    seconds = np.array([r.seconds for r in rows], dtype=np.float64)
+    base_theta = np.array([getattr(base, k) for k in PREFILL_COEFFICIENTS], dtype=np.float64)
+
+    cols = _identifiable(feats / seconds[:, None])
+    kept = [j for j in range(len(PREFILL_COEFFICIENTS)) if j not in cols]
+    # Remove what the kept base values explain; fit the remainder with the free columns.
+    target = seconds - feats[:, kept] @ base_theta[kept]
+    theta = base_theta.copy()
+    if cols:
+        theta[cols] = _solve(feats[:, cols], target, seconds)
+
+    predicted = feats @ theta
+    pct = 100.0 * np.abs(predicted - seconds) / seconds
+    ss_res = float(np.sum((predicted - seconds) ** 2))
+    ss_tot = float(np.sum((seconds - seconds.mean()) ** 2))
+    # All rows equally long: R² is 1 for a perfect fit, else 0 (no variance to explain).
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
+
+    loo: float | None = None
+    n = len(rows)
+    if cols and n > len(cols):
+        errors = np.empty(n)
+        for i in range(n):
+            keep = np.arange(n) != i
+            t = theta.copy()
+            t[cols] = _solve(feats[keep][:, cols], target[keep], seconds[keep])
+            errors[i] = abs(float(feats[i] @ t) - seconds[i]) / seconds[i]
+        loo = 100.0 * float(errors.mean())
+
+    values = {k: float(v) for k, v in zip(PREFILL_COEFFICIENTS, theta, strict=True)}
+    coefficients = CostCoefficients.model_validate({**base.model_dump(), **values})
+    report = FitReport(
+        num_rows=n,
+        mean_abs_pct_error=float(pct.mean()),
+        max_abs_pct_error=float(pct.max()),
+        r_squared=r2,
+        loo_mean_abs_pct_error=loo,
+        fitted=[PREFILL_COEFFICIENTS[j] for j in cols],
+        fixed_from_base=[PREFILL_COEFFICIENTS[j] for j in kept],
+    )
+    return coefficients, report
+
+
+# -- CSV --------------------------------------------------------------------------------------
+def _parse_bool(text: str) -> bool:
+    key = text.strip().lower()
+    if key in _TRUE:
+        return True
+    if key in _FALSE:
+        return False
+    raise ValueError(f"cross_node must be true/false/1/0, got {text!r}")
+
+
+def read_measurements_csv(path: str | Path) -> list[Measurement]:
+    """Rows of a CSV with header tokens,prefix,sp,seconds[,cross_node] (any order; other
+    columns ignored; blank lines skipped). ValueError naming the file and line of a bad row."""
+    rows: list[Measurement] = []
+    with Path(path).open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}:1: header {','.join(header) or '(empty)'} lacks {','.join(missing)} "
+                f"(expected {','.join(CSV_COLUMNS)}[,cross_node])"
+            )
+        reader.fieldnames = header
+        for record in reader:
+            line = reader.line_num
+            values = [v for k, v in record.items() if k is not None]
+            if all((v or "").strip() == "" for v in values):
+                continue
+            try:
+                if None in record or any(record.get(c) is None for c in CSV_COLUMNS):
+                    raise ValueError(f"expected {len(header)} fields")
+                tokens = int(record["tokens"])
+                prefix = int(record["prefix"])
+                sp = int(record["sp"])
+                seconds = float(record["seconds"])
+                cross = _parse_bool(record.get("cross_node") or "")
+                if tokens < 1 or prefix < 0 or sp < 1:
+                    raise ValueError("need tokens ≥ 1, prefix ≥ 0 and sp ≥ 1")
+                if not (math.isfinite(seconds) and seconds > 0):
+                    raise ValueError("seconds must be a positive finite number")
+            except ValueError as err:
+                raise ValueError(f"{path}:{line}: bad row {values}: {err}") from None
+            rows.append(Measurement(tokens, prefix, sp, seconds, cross))
+    return rows

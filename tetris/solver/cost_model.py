@@ -1,0 +1,189 @@
+"""Analytical cost model: chunk prefill time, decode step time, KV transfer time.
+
+Chunk of c tokens after a prefix of p tokens on an SP group of s instances:
+
+    T(c, p, s) = fixed + step[x]·(s−1) + lin·c/s + attn·(c·p + c(c+1)/2)/s
+                 + comm[x]·(p + c)·(s−1)/s
+
+- fixed = launch overhead + one read of the weights from HBM. Because it does not shrink with
+  the tokens per GPU, the effective efficiency lin·n / (fixed + lin·n) falls for small n = c/s:
+  small chunks and wide groups are memory-bound (the roofline's flat part).
+- lin = 2·linear_params / (peak·η_gemm): the dense layers, split evenly over the group.
+- attn = 4·layers·heads·head_dim / (peak·η_attn) per causal (query, key) pair: QKᵀ and PV.
+  The chunk's queries see the whole prefix and a causal triangle of the chunk; load-balanced
+  splitting divides the pairs by s.
+- comm[x]: ring attention sends every KV token of the request once around the group: each rank
+  receives (p + c)(s−1)/s tokens of kv_bytes_per_token over the link x (NVLink inside a node,
+  the network across nodes); `comm_exposed` is the share not hidden behind attention compute.
+- step[x]: one link latency per ring step per layer.
+
+Decode step for a batch of b sequences holding K KV tokens in total (memory-bound):
+    D(b, K) = fixed_decode + kv_read·K + lin·b
+KV transfer of n tokens: n·kv_bytes_per_token / bandwidth[x] + latency[x].
+
+The efficiency factors below are typical figures for bf16 prefill on Hopper/Ampere (large-GEMM
+MFU ≈ 0.6, FlashAttention-2/3 forward ≈ 0.5 of peak, ≈ 0.8 of HBM bandwidth reached by decode);
+they are defaults to be replaced by `calibration.fit_coefficients` on measured rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tetris.solver.cluster import ClusterSpec
+from tetris.solver.hardware import HardwareSpec
+from tetris.solver.model_spec import ModelSpec
+
+DEFAULT_OVERHEAD_S = 2e-3
+DEFAULT_ETA_GEMM = 0.6
+DEFAULT_ETA_ATTN = 0.5
+DEFAULT_ETA_MEM = 0.8
+DEFAULT_COMM_EXPOSED = 0.5
+DEFAULT_MEM_UTIL = 0.9
+UNBOUNDED_TOKENS = 1 << 40
+
+
+class CostCoefficients(BaseModel):
+    """The linear coefficients of T(c, p, s); all in seconds per unit of their feature."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fixed_s: float = Field(ge=0)
+    step_intra_s: float = Field(ge=0)
+    step_inter_s: float = Field(ge=0)
+    lin_s_per_token: float = Field(ge=0)
+    attn_s_per_pair: float = Field(ge=0)
+    comm_intra_s_per_token: float = Field(ge=0)
+    comm_inter_s_per_token: float = Field(ge=0)
+    decode_fixed_s: float = Field(ge=0)
+    decode_kv_s_per_token: float = Field(ge=0)
+
+    @classmethod
+    def from_specs(
+        cls,
+        model: ModelSpec,
+        hardware: HardwareSpec,
+        *,
+        overhead_s: float = DEFAULT_OVERHEAD_S,
+        eta_gemm: float = DEFAULT_ETA_GEMM,
+        eta_attn: float = DEFAULT_ETA_ATTN,
+        eta_mem: float = DEFAULT_ETA_MEM,
+        comm_exposed: float = DEFAULT_COMM_EXPOSED,
+    ) -> CostCoefficients:
+        kv = model.kv_bytes_per_token
+        layers = model.num_layers
+        return cls(
+            fixed_s=overhead_s + model.weight_bytes / hardware.hbm_bandwidth,
+            step_intra_s=layers * hardware.intra_node_latency_s,
+            step_inter_s=layers * hardware.inter_node_latency_s,
+            lin_s_per_token=2 * model.linear_params / (hardware.peak_flops * eta_gemm),
+            attn_s_per_pair=4 * layers * model.num_heads * model.head_dim
+            / (hardware.peak_flops * eta_attn),
+            comm_intra_s_per_token=comm_exposed * kv / hardware.intra_node_bandwidth,
+            comm_inter_s_per_token=comm_exposed * kv / hardware.inter_node_bandwidth,
+            decode_fixed_s=overhead_s + model.weight_bytes / (hardware.hbm_bandwidth * eta_mem),
+            decode_kv_s_per_token=kv / (hardware.hbm_bandwidth * eta_mem),
+        )
+
+
+class CostModel:
+    """T(c, p, s) and friends for one (model, hardware, cluster). Plain floats: hot loops."""
+
+    __slots__ = (
+        "_attn", "_comm", "_fixed", "_lin", "_step", "cluster", "coefficients",
+        "hardware", "kv_capacity_tokens", "model",
+    )
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        hardware: HardwareSpec,
+        cluster: ClusterSpec,
+        coefficients: CostCoefficients | None = None,
+        mem_util: float = DEFAULT_MEM_UTIL,
+    ) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.cluster = cluster
+        if coefficients is None:
+            coefficients = CostCoefficients.from_specs(model, hardware)
+        self.coefficients = coefficients
+        co = self.coefficients
+        self._fixed = co.fixed_s
+        self._step = (co.step_intra_s, co.step_inter_s)
+        self._lin = co.lin_s_per_token
+        self._attn = co.attn_s_per_pair
+        self._comm = (co.comm_intra_s_per_token, co.comm_inter_s_per_token)
+        free = hardware.hbm_bytes * mem_util - model.weight_bytes
+        self.kv_capacity_tokens = max(0, int(free // model.kv_bytes_per_token))
+
+    # -- prefill -----------------------------------------------------------------------------
+    def chunk_seconds(self, tokens: int, prefix: int, sp: int, cross_node: bool = False) -> float:
+        """T(c, p, s): seconds to prefill `tokens` after `prefix` on `sp` instances."""
+        x = 1 if cross_node and sp > 1 else 0
+        pairs = tokens * prefix + tokens * (tokens + 1) / 2
+        comm = self._comm[x] * (prefix + tokens) * (sp - 1)
+        work = self._lin * tokens + self._attn * pairs + comm
+        return self._fixed + self._step[x] * (sp - 1) + work / sp
+
+    def chunk_seconds_on(self, tokens: int, prefix: int, instances: Sequence[int]) -> float:
+        """T for a concrete instance group (the link follows from whether it spans nodes)."""
+        return self.chunk_seconds(
+            tokens, prefix, len(instances), self.cluster.spans_nodes(instances)
+        )
+
+    def max_tokens_within(
+        self, budget_s: float, prefix: int, sp: int, cross_node: bool = False
+    ) -> int:
+        """Largest c with T(c, prefix, sp) ≤ budget_s (0 if even one token does not fit).
+
+        T is a quadratic a·c² + b·c + k in c with a, b ≥ 0, so this is its positive root."""
+        x = 1 if cross_node and sp > 1 else 0
+        k = self._fixed + self._step[x] * (sp - 1) + self._comm[x] * prefix * (sp - 1) / sp
+        a = self._attn / (2 * sp)
+        b = (self._lin + self._attn * (prefix + 0.5) + self._comm[x] * (sp - 1)) / sp
+        rest = budget_s - k
+        if rest <= 0:
+            return 0
+        if not math.isfinite(rest) or (a == 0 and b == 0):
+            return UNBOUNDED_TOKENS  # nothing grows with tokens: any chunk fits
+        c = rest / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * rest)) / (2 * a)
+        if c >= UNBOUNDED_TOKENS:
+            return UNBOUNDED_TOKENS
+        n = max(0, int(c))
+        # Guard the float root against an off-by-one either way.
+        while n > 0 and self.chunk_seconds(n, prefix, sp, cross_node) > budget_s:
+            n -= 1
+        while self.chunk_seconds(n + 1, prefix, sp, cross_node) <= budget_s:
+            n += 1
+        return n
+
+    def best_isolated_ttft(self, prompt_tokens: int) -> float:
+        """Best single-chunk prefill time with the whole prefill cluster free (SLO reference).
+
+        SP sizes whose KV share would not fit in an instance's memory are skipped; if none fits
+        (or the weights alone fill the memory), memory is ignored rather than returning inf."""
+        per_node = self.cluster.gpus_per_node
+        times = [
+            (-(-prompt_tokens // sp) > self.kv_capacity_tokens,
+             self.chunk_seconds(prompt_tokens, 0, sp, sp > per_node))
+            for sp in range(1, self.cluster.prefill_instances + 1)
+        ]
+        fitting = [t for too_big, t in times if not too_big]
+        return min(fitting) if fitting else min(t for _, t in times)
+
+    # -- decode and transfer -----------------------------------------------------------------
+    def decode_step_seconds(self, batch_size: int, kv_tokens: int) -> float:
+        co = self.coefficients
+        if batch_size <= 0:
+            return 0.0
+        return co.decode_fixed_s + co.decode_kv_s_per_token * kv_tokens + self._lin * batch_size
+
+    def kv_transfer_seconds(self, tokens: int, cross_node: bool = True) -> float:
+        hw = self.hardware
+        bw = hw.inter_node_bandwidth if cross_node else hw.intra_node_bandwidth
+        latency = hw.inter_node_latency_s if cross_node else hw.intra_node_latency_s
+        return latency + tokens * self.model.kv_bytes_per_token / bw

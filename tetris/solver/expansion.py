@@ -1,0 +1,110 @@
+"""One request's Tetris shape: start on what is free, grow the SP group as instances free up.
+
+At time t the group is G ∪ {instances free by t} (at most `cap`). The chunk is cut so that it ends
+when the next instance frees up: at the block boundary nearest to the token count that fits
+exactly before that breakpoint (`rounding` "down" never overruns it, "up" always does), and the
+next chunk starts there on the grown group. Rounding to the nearest boundary trades a group idling
+until the breakpoint against new instances waiting for the chunk, whichever is shorter. Groups
+only grow, so earlier chunks' KV stays inside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.problem import PendingRequest, Problem
+
+EPS_S = 1e-12
+Rounding = Literal["nearest", "down", "up"]
+
+
+def expand_plan(
+    problem: Problem,
+    request: PendingRequest,
+    free_s: Sequence[float],
+    cap: int,
+    *,
+    rounding: Rounding = "nearest",
+    max_chunks: int | None = None,
+    by_free: Sequence[int] | None = None,
+    cuts: Sequence[float] = (),
+) -> RequestPlan:
+    """Build the plan against per-instance free times `free_s` (each already ≥ now).
+
+    `by_free` (instances sorted by free time) may be passed in when planning several caps
+    against the same free times, to sort once. `cuts` are extra times at which to end a chunk
+    without growing the group (e.g. other requests' arrivals), so an exact planner can fit
+    those requests in between."""
+    cm = problem.cost_model
+    chunk_seconds = cm.chunk_seconds
+    per_node = cm.cluster.gpus_per_node
+    block = problem.block_tokens
+    limit = max_chunks if max_chunks is not None else problem.max_chunks
+    total = request.prompt_tokens
+    prefix = request.prefilled_tokens
+    group = list(request.kv_instances)
+    nodes = {g // per_node for g in group}
+    cap = max(cap, len(group), 1)
+    if by_free is None:
+        by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
+    # Instances not in the group and not yet free at `start`, in the order they free up.
+    held = set(group)
+    waiting = [g for g in by_free if g not in held] if held else by_free
+    start = max(problem.now_s, request.earliest_start_s)
+    if group:
+        start = max(start, *(free_s[g] for g in group))
+    elif waiting:
+        start = max(start, free_s[waiting[0]])
+    pool: list[int] = []  # free by `start` but not in the group
+    nxt = 0
+    num_waiting = len(waiting)
+    chunks: list[ChunkPlan] = []
+    while prefix < total:
+        if len(group) < cap:
+            while nxt < num_waiting and free_s[waiting[nxt]] <= start + EPS_S:
+                pool.append(waiting[nxt])
+                nxt += 1
+            if pool:
+                if len(pool) > cap - len(group) and nodes:
+                    # Same-node instances first: a group spanning nodes pays the slower link.
+                    pool.sort(key=lambda g: (g // per_node not in nodes, free_s[g], g))
+                take = cap - len(group)
+                joining = pool[:take]
+                del pool[:take]
+                group.extend(joining)
+                nodes.update(g // per_node for g in joining)
+        breakpoint_s = free_s[waiting[nxt]] if len(group) < cap and nxt < num_waiting else None
+        if cuts:
+            cut = next((c for c in cuts if c > start + EPS_S), None)
+            if cut is not None and (breakpoint_s is None or cut < breakpoint_s):
+                breakpoint_s = cut
+        sp = len(group)
+        cross = len(nodes) > 1
+        if breakpoint_s is None or (limit is not None and len(chunks) == limit - 1):
+            end_token = total
+        else:
+            fit = cm.max_tokens_within(breakpoint_s - start, prefix, sp, cross)
+            end_token = (prefix + fit) // block * block
+            partial = (prefix + fit) - end_token
+            if rounding == "up" or (rounding == "nearest" and 2 * partial >= block):
+                end_token += block
+            end_token = min(end_token, total)
+            if end_token <= prefix:
+                # Not even one block fits before more instances free up: wait for them.
+                start = breakpoint_s
+                continue
+        end_s = start + chunk_seconds(end_token - prefix, prefix, sp, cross)
+        chunks.append(ChunkPlan(prefix, end_token, tuple(group), start, end_s))
+        prefix = end_token
+        start = end_s
+    return RequestPlan(request.request_id, tuple(chunks))
+
+
+def occupy(free_s: list[float], plan: RequestPlan) -> None:
+    """Mark the plan's instances busy until its chunks end (free times only move later)."""
+    for chunk in plan.chunks:
+        for g in chunk.instances:
+            if chunk.end_s > free_s[g]:
+                free_s[g] = chunk.end_s
