@@ -9,31 +9,8 @@ from typing import Any
 
 from rich.progress import Progress
 
+from tetris.cli.arg_types import comma_list, positive_float, positive_int
 from tetris.evaluation.solver_bench import BenchConfig, run_bench
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _ms_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated milliseconds, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"time limits must be > 0 ms, got {text!r}")
-    return values
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -41,13 +18,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     solver = kinds.add_parser("solver", help="planner latency and quality on random problems")
     defaults = BenchConfig()
-    solver.add_argument("--instances", type=_int_list, default=list(defaults.instances),
+    counts = comma_list(positive_int)
+    solver.add_argument("--instances", type=counts, default=list(defaults.instances),
                         help="prefill instance counts (default 8,16,32)")
-    solver.add_argument("--requests", type=_int_list, default=list(defaults.requests),
+    solver.add_argument("--requests", type=counts, default=list(defaults.requests),
                         help="pending request counts (default 4,16,32)")
-    solver.add_argument("--seeds", type=int, default=defaults.seeds,
+    solver.add_argument("--seeds", type=positive_int, default=defaults.seeds,
                         help="random problems per cell (default %(default)s)")
-    solver.add_argument("--cp-time-limits-ms", type=_ms_list,
+    solver.add_argument("--cp-time-limits-ms", type=comma_list(positive_float),
                         default=list(defaults.cp_time_limits_ms),
                         help="CP-SAT time limits to compare (default 50,200,1000)")
     solver.add_argument("--milp-max-requests", type=int, default=defaults.milp_max_requests,
@@ -58,8 +36,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _run_solver(args: argparse.Namespace) -> int:
-    if args.seeds <= 0:
-        raise ValueError(f"--seeds must be > 0, got {args.seeds}")
     config = BenchConfig(
         instances=args.instances,
         requests=args.requests,

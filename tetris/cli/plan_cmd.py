@@ -17,7 +17,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tetris.cli.arg_types import (
+    comma_list,
+    nonnegative_float,
+    number,
+    positive_float,
+    positive_int,
+)
 from tetris.cli.errors import UsageError, for_option, one_line
+from tetris.solver.api import PLANNERS
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.hardware import load_hardware
@@ -26,7 +34,7 @@ from tetris.solver.plan_json import PlanReport, report_from_result
 from tetris.solver.problem import DEFAULT_BLOCK_TOKENS, PendingRequest, Problem
 from tetris.solver.request import SloSpec
 
-SOLVERS = ("greedy", "cp", "milp")  # kept in step with tetris.solver.api.PLANNERS
+SOLVERS = tuple(PLANNERS)
 GANTT_SUFFIXES = (".png", ".svg")
 DEFAULT_TTFT_SLO_SCALE = 5.0
 
@@ -35,49 +43,7 @@ EXAMPLE = """example:
       --request 131072 --request 8192@0.5 --gantt plan.png"""
 
 
-# -- argument types: argparse reports their ArgumentTypeError as "argument --opt: <message>" ---
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _availability(text: str) -> list[float]:
-    values = []
-    for i, item in enumerate(text.split(",")):
-        try:
-            values.append(_nonnegative_float(item.strip()))
-        except argparse.ArgumentTypeError as err:
-            raise argparse.ArgumentTypeError(f"entry {i}: {err}") from None
-    return values
+_availability = comma_list(nonnegative_float)
 
 
 def _request_spec(text: str) -> tuple[int, float]:
@@ -85,7 +51,7 @@ def _request_spec(text: str) -> tuple[int, float]:
     tokens_text, _, arrival_text = text.partition("@")
     try:
         tokens = int(tokens_text)
-        arrival = _number(arrival_text) if arrival_text else 0.0
+        arrival = number(arrival_text) if arrival_text else 0.0
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
             f"expected TOKENS[@ARRIVAL_S], e.g. 8192@0.5, got {text!r}"
@@ -114,9 +80,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--model", default="llama3-8b", help="preset name or HF config.json / dir")
     g.add_argument("--hardware", default="h100", help="preset name or HardwareSpec .json")
-    g.add_argument("--prefill-instances", type=_positive_int, default=8, metavar="N",
+    g.add_argument("--prefill-instances", type=positive_int, default=8, metavar="N",
                    help="prefill instances (GPUs), numbered 0..N-1")
-    g.add_argument("--gpus-per-node", type=_positive_int, default=8, metavar="N",
+    g.add_argument("--gpus-per-node", type=positive_int, default=8, metavar="N",
                    help="instances per node: groups across nodes pay the network link")
     g.add_argument(
         "--availability", type=_availability, metavar="A0,...,A(N-1)",
@@ -133,23 +99,23 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="one JSON object a line: prompt_tokens, optional arrival_s, request_id, ttft_slo_s",
     )
     slo = g.add_mutually_exclusive_group()
-    slo.add_argument("--ttft-slo", type=_positive_float, metavar="SECONDS",
+    slo.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
                      help="absolute TTFT SLO for every request")
     slo.add_argument(
-        "--ttft-slo-scale", type=_positive_float, metavar="X",
+        "--ttft-slo-scale", type=positive_float, metavar="X",
         help="TTFT SLO = X × the request's isolated best-case TTFT "
         f"(default {DEFAULT_TTFT_SLO_SCALE:g})",
     )
     g = p.add_argument_group("solver")
     g.add_argument("--solver", choices=SOLVERS, default="cp", help="planner")
-    g.add_argument("--time-limit-ms", type=_positive_float, metavar="MS",
+    g.add_argument("--time-limit-ms", type=positive_float, metavar="MS",
                    help="wall-clock limit (default: the solver's own)")
-    g.add_argument("--max-chunks", type=_positive_int, metavar="K",
+    g.add_argument("--max-chunks", type=positive_int, metavar="K",
                    help="chunks per request at most (1: one SP size per request)")
-    g.add_argument("--max-sp", type=_positive_int, metavar="S", help="SP size of any chunk at most")
-    g.add_argument("--block-tokens", type=_positive_int, default=DEFAULT_BLOCK_TOKENS,
+    g.add_argument("--max-sp", type=positive_int, metavar="S", help="SP size of any chunk at most")
+    g.add_argument("--block-tokens", type=positive_int, default=DEFAULT_BLOCK_TOKENS,
                    metavar="B", help="chunk boundaries are multiples of B tokens")
-    g.add_argument("--gpu-cost-weight", type=_nonnegative_float, default=0.0, metavar="λ",
+    g.add_argument("--gpu-cost-weight", type=nonnegative_float, default=0.0, metavar="λ",
                    help="objective price of a GPU-second, in seconds of TTFT")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("table", "json"), default="table",
@@ -189,10 +155,10 @@ def requests_from_file(path: Path) -> list[RequestIn]:
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--requests: cannot read {path}: {one_line(err)}") from None
     out: list[RequestIn] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for line_no, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{path}:{line_no}"
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as err:

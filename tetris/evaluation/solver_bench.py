@@ -23,12 +23,14 @@ from tetris.solver.cost_model import CostModel
 from tetris.solver.cp_sat import CpOptions
 from tetris.solver.hardware import HARDWARE_PRESETS
 from tetris.solver.model_spec import MODEL_PRESETS
+from tetris.solver.plan import SolveResult, SolveStatus
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.validator import validate_plans
 
 SLO_SCALE = 5.0
 GPU_COST_WEIGHT = 0.5
 GREEDY_REPEATS = 5
+CROSS_CHECK_DETERMINISTIC_TIME = 10.0
 IMPROVEMENT_EPS = 1e-9
 
 
@@ -83,19 +85,30 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _record(s: _Samples, p: Problem, name: str, limit: float | None, greedy_obj: float,
-            cp_options: CpOptions | None) -> float | None:
+            cp_options: CpOptions | None) -> SolveResult:
     started = time.perf_counter()
     result = solve(p, name, limit, cp_options=cp_options)
     s.latency_ms.append((time.perf_counter() - started) * 1e3)
     s.total += 1
     s.statuses[result.status.value] = s.statuses.get(result.status.value, 0) + 1
     if not result.status.has_plans or result.objective is None:
-        return None
+        return result
     s.valid += not validate_plans(p, result.plans)
     s.ratio_to_greedy.append(result.objective / greedy_obj if greedy_obj > 0 else 1.0)
     if result.bound is not None and result.objective > 0:
         s.gap_to_bound.append(max(0.0, result.objective - result.bound) / result.objective)
-    return result.objective
+    return result
+
+
+def _cross_check(p: Problem, milp: SolveResult) -> dict[str, Any]:
+    """MILP against CP-SAT's complete search (reproducible mode) on the same candidates."""
+    cp = solve(p, "cp", cp_options=CpOptions(deterministic_time=CROSS_CHECK_DETERMINISTIC_TIME))
+    both = milp.status is SolveStatus.OPTIMAL and cp.status is SolveStatus.OPTIMAL
+    row: dict[str, Any] = {"both_optimal": both}
+    if both and milp.objective is not None and cp.objective is not None:
+        row["relative_difference"] = abs(milp.objective - cp.objective) / max(
+            milp.objective, 1e-12)
+    return row
 
 
 def _summary(s: _Samples) -> dict[str, Any]:
@@ -122,16 +135,17 @@ def run_bench(config: BenchConfig,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     cells = []
     overall: dict[str, _Samples] = {}
+    agreement: list[dict[str, Any]] = []
     for n in config.instances:
         for r in config.requests:
             samples: dict[str, _Samples] = {}
             for seed in range(config.seeds):
                 p = random_problem(n, r, seed)
                 greedy = samples.setdefault("greedy", _Samples())
-                greedy_obj = None
                 for _ in range(GREEDY_REPEATS):
-                    greedy_obj = _record(greedy, p, "greedy", None, 1.0, None)
-                assert greedy_obj is not None
+                    greedy_result = _record(greedy, p, "greedy", None, 1.0, None)
+                assert greedy_result.objective is not None
+                greedy_obj = greedy_result.objective
                 greedy.ratio_to_greedy[-GREEDY_REPEATS:] = [1.0] * GREEDY_REPEATS
                 for limit in config.cp_time_limits_ms:
                     name = f"cp@{limit:g}ms"
@@ -139,8 +153,9 @@ def run_bench(config: BenchConfig,
                     _record(samples.setdefault(name, _Samples()), p, "cp", limit, greedy_obj,
                             opts)
                 if r <= config.milp_max_requests and n <= config.milp_max_instances:
-                    _record(samples.setdefault("milp", _Samples()), p, "milp",
-                            config.milp_time_limit_ms, greedy_obj, None)
+                    milp = _record(samples.setdefault("milp", _Samples()), p, "milp",
+                                   config.milp_time_limit_ms, greedy_obj, None)
+                    agreement.append(_cross_check(p, milp))
                 if progress:
                     progress(f"{n} instances × {r} requests, seed {seed}")
             for name, s in samples.items():
@@ -170,4 +185,15 @@ def run_bench(config: BenchConfig,
         },
         "cells": cells,
         "overall": {name: _summary(s) for name, s in overall.items()},
+        "milp_vs_cp": _agreement_summary(agreement),
+    }
+
+
+def _agreement_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    diffs = [r["relative_difference"] for r in rows if r["both_optimal"]]
+    return {
+        "problems": len(rows),
+        "both_proved_optimal": len(diffs),
+        "max_relative_difference": max(diffs) if diffs else None,
+        "within_1pct": sum(d <= 0.01 for d in diffs),
     }

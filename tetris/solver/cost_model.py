@@ -154,9 +154,12 @@ class CostModel:
         if c >= UNBOUNDED_TOKENS:
             return UNBOUNDED_TOKENS
         n = max(0, int(c))
-        # Guard the float root against an off-by-one either way.
-        while n > 0 and self.chunk_seconds(n, prefix, sp, cross_node) > budget_s:
+        # The float root can be off by one either way; T is exact at integers, so settle there.
+        if n > 0 and self.chunk_seconds(n, prefix, sp, cross_node) > budget_s:
             n -= 1
+            while n > 0 and self.chunk_seconds(n, prefix, sp, cross_node) > budget_s:
+                n -= 1
+            return n
         while self.chunk_seconds(n + 1, prefix, sp, cross_node) <= budget_s:
             n += 1
         return n

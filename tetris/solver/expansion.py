@@ -20,6 +20,10 @@ EPS_S = 1e-12
 Rounding = Literal["nearest", "down", "up"]
 
 
+# (start_token, end_token, instances, start_s, end_s): plain tuples while shapes are compared.
+Shape = list[tuple[int, int, tuple[int, ...], float, float]]
+
+
 def expand_plan(
     problem: Problem,
     request: PendingRequest,
@@ -37,6 +41,27 @@ def expand_plan(
     against the same free times, to sort once. `cuts` are extra times at which to end a chunk
     without growing the group (e.g. other requests' arrivals), so an exact planner can fit
     those requests in between."""
+    shape = expand_shape(problem, request, free_s, cap, rounding=rounding,
+                         max_chunks=max_chunks, by_free=by_free, cuts=cuts)
+    return to_plan(request, shape)
+
+
+def to_plan(request: PendingRequest, shape: Shape) -> RequestPlan:
+    return RequestPlan(request.request_id, tuple(ChunkPlan(*chunk) for chunk in shape))
+
+
+def expand_shape(
+    problem: Problem,
+    request: PendingRequest,
+    free_s: Sequence[float],
+    cap: int,
+    *,
+    rounding: Rounding = "nearest",
+    max_chunks: int | None = None,
+    by_free: Sequence[int] | None = None,
+    cuts: Sequence[float] = (),
+) -> Shape:
+    """`expand_plan` without building plan objects (the greedy compares many shapes)."""
     cm = problem.cost_model
     chunk_seconds = cm.chunk_seconds
     per_node = cm.cluster.gpus_per_node
@@ -60,7 +85,7 @@ def expand_plan(
     pool: list[int] = []  # free by `start` but not in the group
     nxt = 0
     num_waiting = len(waiting)
-    chunks: list[ChunkPlan] = []
+    chunks: Shape = []
     while prefix < total:
         if len(group) < cap:
             while nxt < num_waiting and free_s[waiting[nxt]] <= start + EPS_S:
@@ -73,8 +98,9 @@ def expand_plan(
                 take = cap - len(group)
                 joining = pool[:take]
                 del pool[:take]
-                group.extend(joining)
-                nodes.update(g // per_node for g in joining)
+                for g in joining:
+                    group.append(g)
+                    nodes.add(g // per_node)
         breakpoint_s = free_s[waiting[nxt]] if len(group) < cap and nxt < num_waiting else None
         if cuts:
             cut = next((c for c in cuts if c > start + EPS_S), None)
@@ -96,10 +122,10 @@ def expand_plan(
                 start = breakpoint_s
                 continue
         end_s = start + chunk_seconds(end_token - prefix, prefix, sp, cross)
-        chunks.append(ChunkPlan(prefix, end_token, tuple(group), start, end_s))
+        chunks.append((prefix, end_token, tuple(group), start, end_s))
         prefix = end_token
         start = end_s
-    return RequestPlan(request.request_id, tuple(chunks))
+    return chunks
 
 
 def occupy(free_s: list[float], plan: RequestPlan) -> None:

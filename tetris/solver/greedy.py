@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tetris.solver.expansion import expand_plan, occupy
+from tetris.solver.expansion import Shape, expand_shape, occupy, to_plan
 from tetris.solver.objective import request_cost, total_objective
 from tetris.solver.plan import RequestPlan, SolveResult, SolveStatus
 from tetris.solver.problem import PendingRequest, Problem
@@ -48,19 +48,18 @@ def best_cap_plan(
     problem: Problem, request: PendingRequest, free_s: list[float], caps: list[int]
 ) -> RequestPlan:
     """The request's own best plan over the SP caps, given what others already hold."""
-    best: RequestPlan | None = None
+    best: Shape = []
     best_key = (0.0, 0.0)
     by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
     for cap in caps:
-        plan = expand_plan(problem, request, free_s, cap, by_free=by_free)
-        key = (request_cost(problem, request, plan.prefill_end_s, plan.gpu_seconds),
-               plan.gpu_seconds)
-        if best is None or key < best_key:
-            best, best_key = plan, key
-        if max(c.sp for c in plan.chunks) < cap:
-            break  # the cap never bound: any larger cap gives this same plan
-    assert best is not None
-    return best
+        shape = expand_shape(problem, request, free_s, cap, by_free=by_free)
+        gpu_seconds = sum((end - start) * len(group) for _, _, group, start, end in shape)
+        key = (request_cost(problem, request, shape[-1][4], gpu_seconds), gpu_seconds)
+        if not best or key < best_key:
+            best, best_key = shape, key
+        if len(shape[-1][2]) < cap:
+            break  # the cap never bound (groups only grow): larger caps give this same plan
+    return to_plan(request, best)
 
 
 def plan_in_order(problem: Problem, order: list[PendingRequest]) -> list[RequestPlan]:
