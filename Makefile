@@ -15,7 +15,6 @@ demo: $(STAMP)
 	$(VENV)/bin/tetris plan --model llama3-8b --hardware h100 --prefill-instances 8 \
 		--availability 0,0,0,3,3,3,3,3 --request 131072 --request 8192@0.5 \
 		--solver cp --gantt tetris-plan.png
-	@echo "Gantt chart written to tetris-plan.png"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tetris tests benchmarks

@@ -71,3 +71,34 @@ def test_prefers_instances_on_the_groups_node() -> None:
     p = problem(cm, (0, 0.2, 0.2, 5), req)
     plan = expand_plan(p, req, [p.free_at(g) for g in range(4)], cap=2)
     assert plan.chunks[-1].instances == (0, 1)
+
+
+def test_kv_capacity_holds_back_the_first_chunk() -> None:
+    """4096 tokens, 2 instances free at 0 and 2 at 1 s, 1280 KV tokens fit per instance.
+
+    Reserve rule: after chunk 0 on 2 instances, the first two must still hold an even share of
+    the rest over 4: c/2 + (4096 − c)/4 ≤ 1280 → c ≤ 1024 (ends at 0.512 s). Then nothing more
+    fits until all four are free (512 + c/2 + (3072 − c)/4 ≤ 1280 → c ≤ 0): wait to 1 s, and
+    the last 3072 tokens on four take 0.768 s: 1.768 s. Instances 0 and 1 end with exactly
+    512 + 768 = 1280 tokens (uncapped, the plan ends at 1.536 s with 1536 on them)."""
+    cm = linear_cost_model(4, kv_capacity=1280)
+    p = problem(cm, (0, 0, 1, 1), request("a", 4096))
+    plan = expand_plan(p, p.requests[0], [0.0, 0.0, 1.0, 1.0], cap=4)
+    assert [(c.start_token, c.end_token, c.sp) for c in plan.chunks] == [
+        (0, 1024, 2), (1024, 4096, 4),
+    ]
+    assert plan.chunks[0].end_s == pytest.approx(0.512)
+    assert plan.chunks[1].start_s == pytest.approx(1.0)
+    assert plan.prefill_end_s == pytest.approx(1.768)
+
+
+def test_kv_capacity_makes_a_single_chunk_wait_for_a_wide_group() -> None:
+    """One chunk of 4096 tokens needs ⌈4096/s⌉ ≤ 1280, so s = 4: start at 1 s, end 2.024 s; a
+    cap of 2 cannot hold it at all (empty shape)."""
+    cm = linear_cost_model(4, kv_capacity=1280)
+    p = problem(cm, (0, 0, 1, 1), request("a", 4096), max_chunks=1)
+    free = [0.0, 0.0, 1.0, 1.0]
+    plan = expand_plan(p, p.requests[0], free, cap=4)
+    assert [(c.start_s, c.sp) for c in plan.chunks] == [(1.0, 4)]
+    assert plan.prefill_end_s == pytest.approx(2.024)
+    assert expand_plan(p, p.requests[0], free, cap=2).chunks == ()

@@ -107,3 +107,21 @@ def test_unknown_solver_and_bad_limit_are_errors() -> None:
         solve(p, "cpsat")
     with pytest.raises(ValueError, match="time limit"):
         solve(p, "cp", 0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_kv_that_fits_nowhere_is_infeasible(solver: str) -> None:
+    """4096 tokens over 4 instances is 1024 a piece, above a 1000-token capacity: no plan."""
+    p = problem(linear_cost_model(4, kv_capacity=1000), (0, 0, 0, 0), request("a", 4096))
+    result = solve(p, solver, 1000.0, cp_options=DETERMINISTIC_CP)
+    assert result.status is SolveStatus.INFEASIBLE
+    assert "'a'" in str(result.stats["infeasible"])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_plans_respect_kv_capacity(solver: str) -> None:
+    """Two requests under a tight capacity: every planner's plan passes the kv_memory check."""
+    cm = linear_cost_model(4, kv_capacity=1280)
+    p = problem(cm, (0, 0, 1, 1), request("a", 4096), request("b", 2048, arrival=0.2))
+    _, ends = run(p, solver)
+    assert ends["a"] >= 1.768 - 1e-9  # the single-request optimum under this capacity

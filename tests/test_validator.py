@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import linear_cost_model
 from tetris.solver import validator
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
@@ -272,3 +273,27 @@ def test_validator_imports_only_data_types() -> None:
     }
     allowed = {f"tetris.solver.{m}" for m in ("problem", "plan", "cost_model", "cluster")}
     assert imported <= allowed
+
+
+def test_kv_memory() -> None:
+    """With room for 1000 KV tokens an instance, request b's plan puts ⌈512/1⌉ = 512 prefilled
+    tokens plus ⌈1024/2⌉ + ⌈512/2⌉ = 768 on instance 2: 1280 > 1000 is flagged; a's plan
+    (1024 + 238 = 1262 on instance 0) too."""
+    small = linear_cost_model(4, gpus_per_node=2, kv_capacity=1000)
+    problem = Problem(small, availability_s=(0.0, 0.0, 1.0, 1.0), requests=(REQ_A, REQ_B))
+
+    def timed(p: RequestPlan) -> RequestPlan:
+        # Same chunks, durations from the small model so only memory is wrong.
+        out, t = [], 0.0
+        for c in p.chunks:
+            t = max(t, c.start_s)
+            d = small.chunk_seconds_on(c.tokens, c.start_token, c.instances)
+            out.append(replace(c, start_s=t, end_s=t + d))
+            t += d
+        return replace(p, chunks=tuple(out))
+
+    found = validate_plans(problem, [timed(plan_a()), timed(plan_b())])
+    assert {(v.code, v.request_id) for v in found} == {("kv_memory", "a"), ("kv_memory", "b")}
+    messages = {v.request_id: v.message for v in found}
+    assert "instance 0 would hold 1262" in messages["a"]
+    assert "instance 2 would hold 1280" in messages["b"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,15 +192,15 @@ def pending_requests(
                 f"{r.where}: prompt tokens must be in [1, {model.max_context}] "
                 f"(max context of {model.name}), got {r.prompt_tokens}"
             )
+        instances = cost_model.cluster.prefill_instances
+        if -(-r.prompt_tokens // instances) > cost_model.kv_capacity_tokens:
+            raise UsageError(
+                f"{r.where}: the KV cache of {r.prompt_tokens} tokens does not fit on "
+                f"{instances} prefill instances ({cost_model.kv_capacity_tokens} tokens each)"
+            )
         slo_s = r.ttft_slo_s
         if slo_s is None:
-            best = cost_model.best_isolated_ttft(r.prompt_tokens)
-            if not math.isfinite(best):
-                raise UsageError(
-                    f"{r.where}: the KV cache of {r.prompt_tokens} tokens does not fit on "
-                    f"{cost_model.cluster.prefill_instances} prefill instances"
-                )
-            slo_s = slo.ttft_for(best)
+            slo_s = slo.ttft_for(cost_model.best_isolated_ttft(r.prompt_tokens))
         out.append(PendingRequest(r.request_id, r.arrival_s, r.prompt_tokens, slo_s))
     return tuple(out)
 

@@ -104,7 +104,7 @@ def generate_candidates(
         cands = []
         for label, plan in _variants(problem, index, greedy[index], free, by_free):
             key = tuple((c.end_token, c.instances) for c in plan.chunks)
-            if key in seen:
+            if not key or key in seen:  # empty: its KV does not fit under that cap
                 continue
             seen.add(key)
             cands.append(candidate_from_plan(problem, index, plan, label))

@@ -118,7 +118,14 @@ class CostModel:
         self._attn = co.attn_s_per_pair
         self._comm = (co.comm_intra_s_per_token, co.comm_inter_s_per_token)
         free = hardware.hbm_bytes * mem_util - model.weight_bytes
-        self.kv_capacity_tokens = max(0, int(free // model.kv_bytes_per_token))
+        if free < model.kv_bytes_per_token:
+            raise ValueError(
+                f"the weights of {model.name} ({model.weight_bytes / 1e9:.1f} GB) leave no room "
+                f"for KV in {mem_util:.0%} of one {hardware.name} "
+                f"({hardware.hbm_bytes / 1e9:.1f} GB)"
+            )
+        # Per instance, for one request's KV (planners keep each request within it).
+        self.kv_capacity_tokens = int(free // model.kv_bytes_per_token)
 
     # -- prefill -----------------------------------------------------------------------------
     def chunk_seconds(self, tokens: int, prefix: int, sp: int, cross_node: bool = False) -> float:
@@ -167,8 +174,8 @@ class CostModel:
     def best_isolated_ttft(self, prompt_tokens: int) -> float:
         """Best single-chunk prefill time with the whole prefill cluster free (SLO reference).
 
-        SP sizes whose KV share would not fit in an instance's memory are skipped; if none fits
-        (or the weights alone fill the memory), memory is ignored rather than returning inf."""
+        SP sizes whose KV share would not fit in an instance's memory are skipped; if none fits,
+        memory is ignored rather than returning inf (the planners then report infeasible)."""
         per_node = self.cluster.gpus_per_node
         times = [
             (-(-prompt_tokens // sp) > self.kv_capacity_tokens,

@@ -201,7 +201,7 @@ def solve_cp(
     greedy = solve_greedy(problem)
     if not greedy.plans:
         return SolveResult("cp", greedy.status, greedy.objective, greedy.objective,
-                           greedy.wall_ms)
+                           greedy.wall_ms, stats=dict(greedy.stats))
     assert greedy.objective is not None
     cands = generate_candidates(problem, greedy.plans, _candidates_per_request(
         problem, opts, None if opts.deterministic_time is not None else time_limit_ms))

@@ -61,7 +61,9 @@ def expand_shape(
     by_free: Sequence[int] | None = None,
     cuts: Sequence[float] = (),
 ) -> Shape:
-    """`expand_plan` without building plan objects (the greedy compares many shapes)."""
+    """`expand_plan` without building plan objects (the greedy compares many shapes).
+
+    Empty when the request's KV cannot fit under this cap (see `_kv_room`)."""
     cm = problem.cost_model
     chunk_seconds = cm.chunk_seconds
     per_node = cm.cluster.gpus_per_node
@@ -75,8 +77,13 @@ def expand_shape(
     if by_free is None:
         by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
     # Instances not in the group and not yet free at `start`, in the order they free up.
-    held = set(group)
-    waiting = [g for g in by_free if g not in held] if held else by_free
+    kv_set = set(group)
+    waiting = [g for g in by_free if g not in kv_set] if kv_set else by_free
+    capacity = cm.kv_capacity_tokens
+    reach = min(cap, len(free_s))
+    # KV tokens of this request on the group's first member, the most loaded one: every chunk
+    # spreads its tokens evenly over its group and every group contains the first member.
+    top_load = -(-prefix // len(group)) if group else 0
     start = max(problem.now_s, request.earliest_start_s)
     if group:
         start = max(start, *(free_s[g] for g in group))
@@ -101,14 +108,16 @@ def expand_shape(
                 for g in joining:
                     group.append(g)
                     nodes.add(g // per_node)
-        breakpoint_s = free_s[waiting[nxt]] if len(group) < cap and nxt < num_waiting else None
+        grow_s = free_s[waiting[nxt]] if len(group) < cap and nxt < num_waiting else None
+        breakpoint_s = grow_s
         if cuts:
             cut = next((c for c in cuts if c > start + EPS_S), None)
             if cut is not None and (breakpoint_s is None or cut < breakpoint_s):
                 breakpoint_s = cut
         sp = len(group)
         cross = len(nodes) > 1
-        if breakpoint_s is None or (limit is not None and len(chunks) == limit - 1):
+        forced_last = limit is not None and len(chunks) == limit - 1
+        if breakpoint_s is None or forced_last:
             end_token = total
         else:
             fit = cm.max_tokens_within(breakpoint_s - start, prefix, sp, cross)
@@ -121,11 +130,39 @@ def expand_shape(
                 # Not even one block fits before more instances free up: wait for them.
                 start = breakpoint_s
                 continue
+        if top_load + -(-(end_token - prefix) // sp) + -(-(total - end_token) // reach) > capacity:
+            room = _kv_room(top_load, total - prefix, sp, reach, capacity)
+            mem_end = (prefix + room) // block * block if prefix + room < total else total
+            if (forced_last and mem_end < total) or mem_end <= prefix:
+                if grow_s is None:
+                    return []  # the rest cannot fit even on the widest group this cap allows
+                start = grow_s  # wait for more instances to spread the KV over
+                continue
+            end_token = min(end_token, mem_end)
         end_s = start + chunk_seconds(end_token - prefix, prefix, sp, cross)
+        top_load += -(-(end_token - prefix) // sp)
         chunks.append((prefix, end_token, tuple(group), start, end_s))
         prefix = end_token
         start = end_s
     return chunks
+
+
+def _kv_room(load: int, rest: int, sp: int, reach: int, capacity: int) -> int:
+    """Most tokens the next chunk (on `sp` instances) may take so that the most loaded member
+    still has room for an even share of what is left over the widest group, `reach` instances:
+        load + ⌈c/sp⌉ + ⌈(rest − c)/reach⌉ ≤ capacity.
+    Keeping that reserve means a plan exists whenever the rest fits at all; without it early,
+    narrow chunks could fill the first members and strand the request."""
+    if load + -(-rest // sp) <= capacity:
+        return rest
+    if sp >= reach:
+        return max(0, (capacity - load) * sp)
+    slack = capacity - load - rest / reach
+    c = int(slack / (1 / sp - 1 / reach)) if slack > 0 else 0
+    c = min(c, rest)
+    while c > 0 and load + -(-c // sp) + -(-(rest - c) // reach) > capacity:
+        c -= 1
+    return c
 
 
 def occupy(free_s: list[float], plan: RequestPlan) -> None:

@@ -46,35 +46,44 @@ def request_orders(problem: Problem) -> dict[str, OrderKey]:
 
 def best_cap_plan(
     problem: Problem, request: PendingRequest, free_s: list[float], caps: list[int]
-) -> RequestPlan:
-    """The request's own best plan over the SP caps, given what others already hold."""
+) -> RequestPlan | None:
+    """The request's own best plan over the SP caps, given what others already hold; None if
+    its KV fits under no cap."""
     best: Shape = []
     best_key = (0.0, 0.0)
     by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
     for cap in caps:
         shape = expand_shape(problem, request, free_s, cap, by_free=by_free)
+        if not shape:
+            continue  # too narrow for its KV
         gpu_seconds = sum((end - start) * len(group) for _, _, group, start, end in shape)
         key = (request_cost(problem, request, shape[-1][4], gpu_seconds), gpu_seconds)
         if not best or key < best_key:
             best, best_key = shape, key
         if len(shape[-1][2]) < cap:
             break  # the cap never bound (groups only grow): larger caps give this same plan
-    return to_plan(request, best)
+    return to_plan(request, best) if best else None
 
 
-def plan_in_order(problem: Problem, order: list[PendingRequest]) -> list[RequestPlan]:
+def plan_in_order(
+    problem: Problem, order: list[PendingRequest]
+) -> list[RequestPlan] | PendingRequest:
+    """Plans in `order`, or the first request whose KV fits nowhere."""
     free_s = [problem.free_at(g) for g in range(problem.num_instances)]
     caps = cap_levels(problem.sp_limit)
     plans = []
     for request in order:
         plan = best_cap_plan(problem, request, free_s, caps)
+        if plan is None:
+            return request
         occupy(free_s, plan)
         plans.append(plan)
     return plans
 
 
-def greedy_plans(problem: Problem) -> tuple[list[RequestPlan], float, str]:
-    """Best plans over the request orders: (plans in problem order, objective, order name)."""
+def greedy_plans(problem: Problem) -> tuple[list[RequestPlan], float, str] | PendingRequest:
+    """Best plans over the request orders: (plans in problem order, objective, order name), or
+    a request whose KV fits nowhere."""
     best: tuple[list[RequestPlan], float, str] | None = None
     tried: set[tuple[str, ...]] = set()
     for name, key in request_orders(problem).items():
@@ -84,6 +93,8 @@ def greedy_plans(problem: Problem) -> tuple[list[RequestPlan], float, str]:
             continue  # orders often coincide (e.g. EDF and SPT when SLOs scale with length)
         tried.add(ids)
         plans = plan_in_order(problem, order)
+        if isinstance(plans, PendingRequest):
+            return plans  # KV fit does not depend on the order
         objective = total_objective(problem, plans)
         if best is None or objective < best[1] - 1e-12:
             best = (plans, objective, name)
@@ -98,8 +109,16 @@ def solve_greedy(problem: Problem, time_limit_ms: float | None = None) -> SolveR
     started = time.perf_counter()
     if not problem.requests:
         return SolveResult("greedy", SolveStatus.OPTIMAL, 0.0, 0.0, 0.0)
-    plans, objective, order = greedy_plans(problem)
+    found = greedy_plans(problem)
     wall_ms = (time.perf_counter() - started) * 1e3
+    if isinstance(found, PendingRequest):
+        rest = found.prompt_tokens - found.prefilled_tokens
+        why = (f"request {found.request_id!r}: KV of {rest} more tokens fits on no group of "
+               f"at most {problem.sp_limit} instances "
+               f"({problem.cost_model.kv_capacity_tokens} tokens each)")
+        return SolveResult("greedy", SolveStatus.INFEASIBLE, None, None, wall_ms,
+                           stats={"infeasible": why})
+    plans, objective, order = found
     return SolveResult(
         "greedy", SolveStatus.FEASIBLE, objective, None, wall_ms, tuple(plans), {"order": order}
     )

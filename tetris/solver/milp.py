@@ -349,7 +349,7 @@ def solve_milp(
     greedy = solve_greedy(problem)
     if not greedy.plans:
         return SolveResult("milp", greedy.status, greedy.objective, greedy.objective,
-                           (time.perf_counter() - started) * 1e3)
+                           (time.perf_counter() - started) * 1e3, stats=dict(greedy.stats))
     assert greedy.objective is not None
     generated = generate_candidates(problem, greedy.plans, opts.max_candidates)
     cands, windows = _restrict(problem, generated, greedy.objective)

@@ -5,7 +5,11 @@ own feasibility logic cannot hide here too. Every violation is collected rather 
 the first, so a failing test or simulator run shows the whole picture at once.
 
 Codes: unknown_request, duplicate_plan, missing_plan, empty_plan, coverage, block, max_chunks,
-instance_range, max_sp, nesting, order, too_early, duration, overlap, bad_time.
+instance_range, max_sp, nesting, order, too_early, duration, overlap, bad_time, kv_memory.
+
+KV memory is checked per request under the runtime's layout: a chunk's tokens are spread evenly
+(rounded up) over its group, and KV already prefilled evenly over `kv_instances`; no instance may
+hold more of one request's KV than `cost_model.kv_capacity_tokens`.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def _check_plan(
     last = len(chunks) - 1
     prev: ChunkPlan | None = None
     prev_group: frozenset[int] = frozenset(req.kv_instances)
+    kv_held = dict.fromkeys(req.kv_instances, -(-req.prefilled_tokens // max(1, len(prev_group))))
     for k, c in enumerate(chunks):
         # -- tokens ------------------------------------------------------------------------
         expected_start = req.prefilled_tokens if prev is None else prev.end_token
@@ -149,6 +154,25 @@ def _check_plan(
         for g in valid_ids:
             busy[g].append((c.start_s, c.end_s, rid, k))
         prev = c
+    _check_kv_memory(problem, plan, kv_held, out)
+
+
+def _check_kv_memory(
+    problem: Problem, plan: RequestPlan, kv_held: dict[int, int], out: list[Violation]
+) -> None:
+    for c in plan.chunks:
+        if c.instances and c.end_token > c.start_token:
+            share = -(-(c.end_token - c.start_token) // len(c.instances))
+            for g in set(c.instances):
+                kv_held[g] = kv_held.get(g, 0) + share
+    capacity = problem.cost_model.kv_capacity_tokens
+    if kv_held and max(kv_held.values()) > capacity:
+        g = max(kv_held, key=lambda i: kv_held[i])
+        out.append(Violation(
+            "kv_memory", plan.request_id,
+            f"request {plan.request_id!r}: instance {g} would hold {kv_held[g]} KV tokens, "
+            f"capacity {capacity}",
+        ))
 
 
 def _check_overlaps(busy: list[list[_Busy]], out: list[Violation], time_tol_s: float) -> None:
