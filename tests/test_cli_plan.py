@@ -206,3 +206,16 @@ def test_other_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     for needle, args in cases.items():
         assert needle in run_bad(capsys, *BASE, *args)
     assert not list(tmp_path.iterdir())
+
+
+def test_requests_file_unnamed_ids_skip_taken_ones(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Line 1 names itself r1; unnamed line 2 would be r1 too, so it becomes r2. A byte-order
+    mark and a U+2028 inside a string are fine (only "\\n" ends a JSONL line)."""
+    path = tmp_path / "reqs.jsonl"
+    path.write_text('\ufeff{"request_id": "r1", "prompt_tokens": 1024}\n'
+                    '{"prompt_tokens": 2048}\n'
+                    '{"request_id": "odd\u2028id", "prompt_tokens": 512}\n', encoding="utf-8")
+    assert main(["plan", "--requests", str(path), "--solver", "greedy", "--format", "json"]) == 0
+    ids = [p["request_id"] for p in json.loads(capsys.readouterr().out)["plans"]]
+    assert ids == ["r1", "r2", "odd\u2028id"]

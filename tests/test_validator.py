@@ -258,7 +258,8 @@ def test_ensure_valid_raises() -> None:
     with pytest.raises(InvalidPlanError) as info:
         ensure_valid(PROBLEM, [plan_a()])
     err = info.value
-    assert isinstance(err, ValueError)
+    # An invalid plan is a planner bug, not bad user input: the CLI must not report it as one.
+    assert not isinstance(err, ValueError)
     assert err.violations == [Violation("missing_plan", "b", err.violations[0].message)]
     assert "missing_plan" in str(err) and "'b'" in str(err)
     assert pickle.loads(pickle.dumps(err)).violations == err.violations
@@ -297,3 +298,25 @@ def test_kv_memory() -> None:
     messages = {v.request_id: v.message for v in found}
     assert "instance 0 would hold 1262" in messages["a"]
     assert "instance 2 would hold 1280" in messages["b"]
+
+
+def test_structure_only_mode_ignores_times() -> None:
+    """timing=False skips time, duration and overlap checks but still checks the structure."""
+    a = plan_a()
+    late = replace(a, chunks=(replace(a.chunks[0], start_s=-5.0, end_s=99.0), a.chunks[1]))
+    assert validate_plans(PROBLEM, [late, plan_b()], timing=False) == []
+    unnested = replace(a, chunks=(replace(a.chunks[0], instances=(1,)), a.chunks[1]))
+    unnested = replace(unnested, chunks=(unnested.chunks[0], replace(a.chunks[1], instances=(0,))))
+    found = {v.code for v in validate_plans(PROBLEM, [unnested, plan_b()], timing=False)}
+    assert found == {"nesting"}
+
+
+def test_large_absolute_clock_times() -> None:
+    """On a clock reading 1.7e9 s, a plan timed exactly by the cost model validates: tolerances
+    grow with the ulp of the clock (end − start is rounded there)."""
+    now = 1.7e9
+    req = PendingRequest("late", arrival_s=now, prompt_tokens=1500, ttft_slo_s=5.0)
+    problem = Problem(COST, availability_s=(now,) * 4, requests=(req,), now_s=now)
+    c0 = chunk(0, 1024, (0,), now)
+    plan = RequestPlan("late", (c0, then(c0, 1500, (0, 1))))
+    assert validate_plans(problem, [plan]) == []

@@ -21,14 +21,19 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from tetris import __version__
-from tetris.cli import bench_cmd, plan_cmd
+from tetris.cli import bench_cmd, generate_cmd, model_cmd, plan_cmd
 from tetris.cli.errors import EXIT_USAGE, one_line
 
 PROG = "tetris"
 # Each registrar gets the subparsers action; the parsers it adds are `CliParser`s.
 Registrar = Callable[["argparse._SubParsersAction[Any]"], None]
 
-REGISTRARS: list[Registrar] = [plan_cmd.register, bench_cmd.register]
+REGISTRARS: list[Registrar] = [
+    plan_cmd.register,
+    bench_cmd.register,
+    model_cmd.register,
+    generate_cmd.register,
+]
 
 
 class _Exit(Exception):

@@ -8,6 +8,7 @@ of `tetris.solver.plan_json`, and optionally a Gantt chart of instances × time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ EXAMPLE = """example:
 
 
 _availability = comma_list(nonnegative_float)
+MAX_INSTANCES = 4096
+
+
+def instance_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_INSTANCES:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_INSTANCES}, got {value}")
+    return value
 
 
 def _request_spec(text: str) -> tuple[int, float]:
@@ -79,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--model", default="llama3-8b", help="preset name or HF config.json / dir")
     g.add_argument("--hardware", default="h100", help="preset name or HardwareSpec .json")
-    g.add_argument("--prefill-instances", type=positive_int, default=8, metavar="N",
+    g.add_argument("--prefill-instances", type=instance_count, default=8, metavar="N",
                    help="prefill instances (GPUs), numbered 0..N-1")
     g.add_argument("--gpus-per-node", type=positive_int, default=8, metavar="N",
                    help="instances per node: groups across nodes pay the network link")
@@ -138,7 +147,7 @@ class RequestLine(BaseModel):
 @dataclass(frozen=True)
 class RequestIn:
     where: str  # how errors name it: "--request r1" or "FILE:LINE"
-    request_id: str
+    request_id: str | None  # None: give it the first free "rN"
     prompt_tokens: int
     arrival_s: float
     ttft_slo_s: float | None = None
@@ -150,11 +159,13 @@ def requests_from_options(specs: list[tuple[int, float]]) -> list[RequestIn]:
 
 def requests_from_file(path: Path) -> list[RequestIn]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--requests: cannot read {path}: {one_line(err)}") from None
     out: list[RequestIn] = []
-    for line_no, raw in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL line: splitlines() would also split inside strings at U+2028 etc.
+    lines = [(n, raw.rstrip("\r")) for n, raw in enumerate(text.split("\n"), start=1)]
+    for line_no, raw in lines:
         if not raw.strip():
             continue
         where = f"{path}:{line_no}"
@@ -168,10 +179,25 @@ def requests_from_file(path: Path) -> list[RequestIn]:
             line = RequestLine.model_validate(obj)
         except ValidationError as err:
             raise UsageError(f"{where}: {one_line(err)}") from None
-        rid = line.request_id or f"r{len(out)}"
-        out.append(RequestIn(where, rid, line.prompt_tokens, line.arrival_s, line.ttft_slo_s))
+        out.append(RequestIn(where, line.request_id, line.prompt_tokens, line.arrival_s,
+                             line.ttft_slo_s))
     if not out:
         raise UsageError(f"--requests: {path} holds no requests")
+    return _name_unnamed(out)
+
+
+def _name_unnamed(requests: list[RequestIn]) -> list[RequestIn]:
+    """The i-th request, if unnamed, is "r<i>" — or the next "r<j>" no line names itself."""
+    taken = {r.request_id for r in requests if r.request_id is not None}
+    out = []
+    for i, r in enumerate(requests):
+        if r.request_id is None:
+            j = i
+            while f"r{j}" in taken:
+                j += 1
+            r = dataclasses.replace(r, request_id=f"r{j}")
+            taken.add(f"r{j}")
+        out.append(r)
     return out
 
 
@@ -182,6 +208,7 @@ def pending_requests(
     seen: dict[str, str] = {}
     out = []
     for r in requests:
+        assert r.request_id is not None  # named by _name_unnamed / requests_from_options
         if r.request_id in seen:
             raise UsageError(
                 f"{r.where}: request id {r.request_id!r} already used at {seen[r.request_id]}"

@@ -6,15 +6,35 @@ so any tick schedule is feasible in real time — `schedule.left_shift` then re-
 - chunk (r,m,k): optional interval [s, s + d) present iff x[r,m]; s ≥ release
 - s[r,m,k+1] ≥ s[r,m,k] + d[r,m,k]                       (chunks in order)
 - per instance g: NoOverlap over every interval using g  (exact capacity, nested groups built in)
-- E_r = end of the chosen candidate's last chunk;  E_r ≤ deadline_r unless miss_r
+- E_r = end of the chosen candidate's last chunk;  E_r ≤ deadline_r + C unless miss_r
 - minimise Σ_r w_r·(E_r − a_r)/S_r + P·w_r·miss_r + λ·w_r·Σ_m x[r,m]·GPUsec[r,m]/S_r
+
+Rounding. Rounding up moves any chunk's end by at most C = (chunks on the longest chain) + 1
+ticks (`_chain_ticks`), so the deadline of the miss literal is `floor(deadline/tick) + C`: a plan
+that meets an SLO in real time also meets it on the tick grid, and the tick model never prices a
+miss the exact problem does not have (optimistic; the exact re-pricing after `left_shift`
+decides the returned objective). The objective goes to CP-SAT with integer coefficients of a
+known scale K (`integer_objective`), not as floats that CP-SAT would scale itself with an unknown
+error (~1e-5 absolute, as large as one tick of a long SLO). Hence
+
+    bound = CP-SAT's integer bound / K + constant − (coefficient rounding error)
+            − (the most rounding to ticks can add to the TTFT terms, `_rounding_slack`),
+
+a valid lower bound of the exact problem over the candidate set, or the contention-free bound
+when that is higher (LNS alone proves little).
+
+Status. OPTIMAL means "proved optimal on the tick grid over the candidates": the returned plan's
+exact objective is no more than the tick model's proved optimum (up to coefficient rounding), so
+it is within `_rounding_slack` of the exact optimum over the candidates. It is downgraded to
+FEASIBLE when the re-timed plan misses an SLO that the tick model counted as met within its
+C-tick slack (`stats["cp_note"]`).
 
 Warm start: the greedy plan as a complete hint, improved by large-neighbourhood search (settings
 and why: `CpOptions`). The result is the better of CP-SAT's and greedy's plans
 by the exact objective, so CP is never worse than greedy. A watchdog thread stops the search at
-the deadline even if a phase of the solver overruns its own time limit. `bound` is CP-SAT's bound
-over the candidate set, less the most that rounding to ticks can add (`_rounding_slack`), or the
-contention-free bound when that is higher (LNS alone proves little).
+the deadline even if a phase of the solver overruns its own time limit. Greedy's own time cannot
+be cut; the time left after it decides how many candidates to build (`_candidates_per_request`),
+and CP is skipped when that is too little (`stats["cp_status"]`, `stats["greedy_ms"]`).
 """
 
 from __future__ import annotations
@@ -29,14 +49,18 @@ from ortools.sat.python import cp_model
 
 from tetris.solver.candidates import DEFAULT_MAX_CANDIDATES, Candidate, generate_candidates
 from tetris.solver.greedy import solve_greedy
-from tetris.solver.objective import request_cost, total_objective
+from tetris.solver.objective import MISS_EPS_S, request_cost, total_objective
 from tetris.solver.plan import RequestPlan, SolveResult, SolveStatus
 from tetris.solver.problem import Problem
 from tetris.solver.schedule import left_shift, serial_starts
 
 MODEL_BUILD_RESERVE_MS = 2.0
 CANDIDATES_PER_MS = 4.0
-MIN_CANDIDATES = 4
+MIN_CANDIDATES = 2
+# Integer objective: the smallest nonzero coefficient is scaled to at least this, unless that
+# would take Σ |coefficient|·(variable's upper bound) past OBJECTIVE_MAX_MAGNITUDE.
+OBJECTIVE_MIN_SCALED = 1e6
+OBJECTIVE_MAX_MAGNITUDE = 2**60
 
 
 @dataclass(frozen=True)
@@ -46,7 +70,11 @@ class CpOptions:
     far more often than CP-SAT's default portfolio; feasibility jump is off because its first
     pass ignores the time limit (51 ms on a 10 ms budget); presolve is off because it eats
     budgets of tens of ms. LNS cannot prove optimality: the reproducible mode
-    (`deterministic_time`) runs one worker of complete search instead, which can."""
+    (`deterministic_time`) runs one worker of complete search instead, which can.
+
+    An OPTIMAL result is optimal on the `tick_s` grid over the candidates (see the module
+    docstring): its exact objective exceeds the exact optimum over the candidates by at most the
+    tick rounding slack (Σ_r w_r·C·tick/S_r), which `bound` already subtracts."""
 
     num_workers: int = 2
     lns_only: bool = True
@@ -61,6 +89,42 @@ class CpOptions:
     watchdog_grace_ms: float = 2.0
 
 
+@dataclass(frozen=True)
+class IntegerObjective:
+    """Σ_i coefficients[i]·x_i / scale approximates Σ_i c_i·x_i within `error` for every x with
+    0 ≤ x_i ≤ ub_i (see `integer_objective`)."""
+
+    scale: float
+    coefficients: tuple[int, ...]
+    error: float
+
+
+def integer_objective(
+    terms: Sequence[tuple[float, int]],
+    min_scaled: float = OBJECTIVE_MIN_SCALED,
+    max_magnitude: int = OBJECTIVE_MAX_MAGNITUDE,
+) -> IntegerObjective:
+    """Integer coefficients for terms (c_i, ub_i) of variables x_i ∈ [0, ub_i].
+
+    K makes the smallest nonzero |c_i| at least `min_scaled`, lowered if needed so that
+    Σ |K·c_i|·ub_i ≤ max_magnitude / 2 (CP-SAT needs the objective's range to fit in int64);
+    each coefficient is round(K·c_i), so |Σ round(K·c_i)·x_i / K − Σ c_i·x_i| ≤ Σ 0.5·ub_i / K
+    over the nonzero terms, which is `error` (in the c_i's units)."""
+    if any(ub < 0 for _, ub in terms):
+        raise ValueError("variables of the objective must range over [0, ub], ub >= 0")
+    nonzero = [abs(c) for c, _ in terms if c != 0.0]
+    if not nonzero:
+        return IntegerObjective(1.0, tuple(0 for _ in terms), 0.0)
+    scale = min_scaled / min(nonzero)
+    magnitude = sum(abs(c) * ub for c, ub in terms)
+    if magnitude * scale > max_magnitude / 2:
+        scale = max_magnitude / 2 / magnitude
+    coefficients = tuple(round(c * scale) for c, _ in terms)
+    assert sum(abs(q) * ub for q, (_, ub) in zip(coefficients, terms, strict=True)) < max_magnitude
+    error = sum(0.5 * ub for c, ub in terms if c != 0.0) / scale
+    return IntegerObjective(scale, coefficients, error)
+
+
 @dataclass
 class _Model:
     model: cp_model.CpModel
@@ -70,25 +134,40 @@ class _Model:
     misses: list[cp_model.IntVar]
     deadlines: list[int]
     tick_s: float
+    objective: IntegerObjective
+    constant: float  # the objective's float offset, outside CP-SAT
 
 
 def _ticks_up(seconds: float, tick: float) -> int:
     return max(0, math.ceil(seconds / tick - 1e-9))
 
 
-def _candidates_per_request(problem: Problem, opts: CpOptions, limit_ms: float | None) -> int:
-    """Fewer candidates under short limits: building the model costs about 0.1 ms a candidate
-    in Python (measured at 16 instances × 32 requests), time the search then lacks."""
-    if limit_ms is None:
+def _chain_ticks(cands: list[list[Candidate]]) -> int:
+    """C: the most ticks rounding up can move any chunk's end. The chunks a chunk waits behind
+    (its request's earlier chunks, those before it on its instances, recursively) form a chain
+    starting at one release; each of them and that release is rounded up by at most one tick."""
+    return sum(max(len(c.chunks) for c in per) for per in cands) + 1
+
+
+def _candidates_per_request(problem: Problem, opts: CpOptions, left_ms: float | None) -> int:
+    """Candidates per request for the `left_ms` of the limit left after greedy (None: no wall
+    clock): CANDIDATES_PER_MS in total per ms left, at most `opts.max_candidates` per request,
+    and 0 (skip CP) when fewer than MIN_CANDIDATES a request would fit. Generating and building
+    cost ≈0.04-0.05 ms a candidate (measured at 16 × 32 and 64 × 256), so most of what is left
+    remains for the search."""
+    if left_ms is None:
         return opts.max_candidates
-    total = CANDIDATES_PER_MS * limit_ms
+    total = CANDIDATES_PER_MS * max(0.0, left_ms)
     per_request = int(total / max(1, len(problem.requests)))
-    return max(MIN_CANDIDATES, min(opts.max_candidates, per_request))
+    if per_request < MIN_CANDIDATES:
+        return 0
+    return min(opts.max_candidates, per_request)
 
 
 def _build(problem: Problem, cands: list[list[Candidate]], opts: CpOptions,
            greedy_end: float) -> _Model:
     tick, now = opts.tick_s, problem.now_s
+    chain = _chain_ticks(cands)
     longest = sum(max(sum(c.duration_s for c in cand.chunks) for cand in per) for per in cands)
     num_chunks = sum(len(cand.chunks) for per in cands for cand in per)
     latest_release = max(c.release_s for per in cands for cand in per for c in cand.chunks)
@@ -96,7 +175,8 @@ def _build(problem: Problem, cands: list[list[Candidate]], opts: CpOptions,
     m = cp_model.CpModel()
     on_instance: list[list[cp_model.IntervalVar]] = [[] for _ in range(problem.num_instances)]
     presence, starts, ends, misses, deadlines = [], [], [], [], []
-    objective: list[cp_model.LinearExprT] = []
+    # (float coefficient, variable, the variable's upper bound; every lower bound is 0)
+    terms: list[tuple[float, cp_model.IntVar, int]] = []
     constant = 0.0
     for r, per in enumerate(cands):
         req = problem.requests[r]
@@ -105,7 +185,8 @@ def _build(problem: Problem, cands: list[list[Candidate]], opts: CpOptions,
         m.add_exactly_one(xs)
         end = m.new_int_var(0, horizon, f"end{r}")
         miss = m.new_bool_var(f"miss{r}")
-        deadline = math.floor((req.deadline_s - now) / tick + 1e-9)
+        # Optimistic: met in real time ⇒ met in ticks (see the module docstring).
+        deadline = math.floor((req.deadline_s + MISS_EPS_S - now) / tick + 1e-9) + chain
         if deadline < 0:
             m.add(miss == 1)
         else:
@@ -126,10 +207,10 @@ def _build(problem: Problem, cands: list[list[Candidate]], opts: CpOptions,
                 cand_starts.append(s)
             assert prev is not None
             m.add(end == prev[0] + prev[1]).only_enforce_if(x)
-            objective.append(x * (w * problem.gpu_cost_weight * cand.gpu_seconds / slo))
+            terms.append((w * problem.gpu_cost_weight * cand.gpu_seconds / slo, x, 1))
             req_starts.append(cand_starts)
-        objective.append(end * (w * tick / slo))
-        objective.append(miss * (w * problem.miss_penalty))
+        terms.append((w * tick / slo, end, horizon))
+        terms.append((w * problem.miss_penalty, miss, 1))
         constant += w * (now - req.arrival_s) / slo
         presence.append(xs)
         starts.append(req_starts)
@@ -139,8 +220,10 @@ def _build(problem: Problem, cands: list[list[Candidate]], opts: CpOptions,
     for ivs in on_instance:
         if len(ivs) > 1:
             m.add_no_overlap(ivs)
-    m.minimize(sum(objective) + constant)
-    return _Model(m, presence, starts, ends, misses, deadlines, tick)
+    objective = integer_objective([(c, ub) for c, _, ub in terms])
+    m.minimize(cp_model.LinearExpr.weighted_sum([v for _, v, _ in terms],
+                                                list(objective.coefficients)))
+    return _Model(m, presence, starts, ends, misses, deadlines, tick, objective, constant)
 
 
 def _hint(problem: Problem, built: _Model, cands: list[list[Candidate]],
@@ -182,6 +265,10 @@ def _configure(solver: cp_model.CpSolver, opts: CpOptions, budget_s: float) -> N
     params.random_seed = opts.seed
     params.cp_model_presolve = opts.presolve
     params.use_feasibility_jump = opts.feasibility_jump
+    # The objective is integer at scale K: stop only at a proof (the default 1e-4 gap would
+    # already be exact in integer units, but say it).
+    params.absolute_gap_limit = 0.0
+    params.relative_gap_limit = 0.0
     if opts.deterministic_time is not None:
         params.num_workers = 1
         params.max_deterministic_time = opts.deterministic_time
@@ -203,25 +290,37 @@ def solve_cp(
         return SolveResult("cp", greedy.status, greedy.objective, greedy.objective,
                            greedy.wall_ms, stats=dict(greedy.stats))
     assert greedy.objective is not None
-    cands = generate_candidates(problem, greedy.plans, _candidates_per_request(
-        problem, opts, None if opts.deterministic_time is not None else time_limit_ms))
+    greedy_ms = (time.perf_counter() - started) * 1e3
+    stats: dict[str, float | int | str] = {
+        "greedy_objective": greedy.objective,
+        "greedy_order": str(greedy.stats.get("order", "")),
+        "greedy_ms": greedy_ms,
+    }
+    timed = opts.deterministic_time is None
+    left_ms = time_limit_ms - greedy_ms - MODEL_BUILD_RESERVE_MS
+    per_request = _candidates_per_request(problem, opts, left_ms if timed else None)
+    if per_request == 0:
+        stats["cp_status"] = (
+            f"skipped: {max(0.0, left_ms):.1f} ms of the limit left after greedy "
+            f"({greedy_ms:.1f} ms), too little for {MIN_CANDIDATES} candidates a request"
+        )
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
+    cands = generate_candidates(problem, greedy.plans, per_request)
     greedy_end = max(p.prefill_end_s for p in greedy.plans)
     built = _build(problem, cands, opts, greedy_end)
     _hint(problem, built, cands, greedy.plans)
-    stats: dict[str, float | int | str] = {
-        "candidates": sum(len(per) for per in cands),
-        "greedy_objective": greedy.objective,
-        "greedy_order": str(greedy.stats.get("order", "")),
-    }
+    stats["candidates"] = sum(len(per) for per in cands)
+    stats["cp_objective_scale"] = built.objective.scale
+    stats["cp_objective_error"] = built.objective.error
     elapsed_ms = (time.perf_counter() - started) * 1e3
     budget_ms = time_limit_ms - elapsed_ms - MODEL_BUILD_RESERVE_MS
-    if opts.deterministic_time is None and budget_ms <= 0:
+    if timed and budget_ms <= 0:
         stats["cp_status"] = "skipped: no time left after greedy and model building"
-        return _result(problem, greedy.plans, greedy.objective, None, False, started, stats)
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
     solver = cp_model.CpSolver()
     _configure(solver, opts, max(budget_ms, 0.0) / 1e3)
     watchdog = None
-    if opts.deterministic_time is None:
+    if timed:
         watchdog = threading.Timer((budget_ms + opts.watchdog_grace_ms) / 1e3, solver.stop_search)
         watchdog.start()
     try:
@@ -232,7 +331,7 @@ def solve_cp(
     stats["cp_status"] = solver.status_name(status)
     stats["cp_wall_ms"] = solver.wall_time * 1e3
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return _result(problem, greedy.plans, greedy.objective, None, False, started, stats)
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
     chosen = []
     order = []
     for r, per in enumerate(cands):
@@ -242,15 +341,26 @@ def solve_cp(
     order.sort()
     plans = left_shift(problem, chosen, [(r, k) for _, r, k in order])
     objective = total_objective(problem, plans)
+    scale, error = built.objective.scale, built.objective.error
+    tick_objective = solver.objective_value / scale + built.constant
     stats["cp_objective"] = objective
-    bound = max(solver.best_objective_bound - _rounding_slack(problem, cands, opts.tick_s),
-                contention_free_bound(problem, cands))
+    stats["cp_tick_objective"] = tick_objective
+    bound = max(
+        solver.best_objective_bound / scale + built.constant - error
+        - _rounding_slack(problem, cands, opts.tick_s),
+        contention_free_bound(problem, cands),
+    )
     proved = status == cp_model.OPTIMAL
+    if objective > tick_objective + error + 1e-9 * max(1.0, abs(tick_objective)):
+        # Left-shifting never ends a chunk later than its tick time, so only a deadline met
+        # within the optimistic C-tick slack but missed in real time gets here.
+        proved = False
+        stats["cp_note"] = "an SLO met on the tick grid (within the rounding slack) is missed"
     if objective < greedy.objective - 1e-12:
         stats["improved_on_greedy"] = 1
-        return _result(problem, plans, objective, bound, proved, started, stats)
+        return _result(plans, objective, bound, proved, started, stats)
     stats["improved_on_greedy"] = 0
-    return _result(problem, greedy.plans, greedy.objective, bound, proved, started, stats)
+    return _result(greedy.plans, greedy.objective, bound, proved, started, stats)
 
 
 def contention_free_bound(problem: Problem, cands: list[list[Candidate]]) -> float:
@@ -270,17 +380,15 @@ def contention_free_bound(problem: Problem, cands: list[list[Candidate]]) -> flo
 
 
 def _rounding_slack(problem: Problem, cands: list[list[Candidate]], tick: float) -> float:
-    """How much rounding to ticks can raise the objective: any chunk waits behind at most all
-    chunks before it, each rounded up by under one tick. Subtracting it keeps `bound` a lower
-    bound of the exact problem (up to SLO misses decided within that slack of a deadline)."""
-    chain = sum(max(len(c.chunks) for c in per) for per in cands) + 1
+    """How much rounding to ticks can raise the TTFT terms: any request's end moves by at most
+    C ticks (`_chain_ticks`). The miss terms cannot rise (their deadlines carry the same C
+    ticks), so subtracting this keeps `bound` a lower bound of the exact problem."""
+    chain = _chain_ticks(cands)
     return sum(r.weight * chain * tick / r.ttft_slo_s for r in problem.requests)
 
 
-def _result(problem: Problem, plans: Sequence[RequestPlan], objective: float,
-            bound: float | None, proved: bool, started: float,
-            stats: dict[str, float | int | str]) -> SolveResult:
-    del problem
+def _result(plans: Sequence[RequestPlan], objective: float, bound: float | None, proved: bool,
+            started: float, stats: dict[str, float | int | str]) -> SolveResult:
     status = SolveStatus.OPTIMAL if proved else SolveStatus.FEASIBLE
     wall_ms = (time.perf_counter() - started) * 1e3
     return SolveResult("cp", status, objective, bound, wall_ms, tuple(plans), stats)

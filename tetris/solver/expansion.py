@@ -72,6 +72,8 @@ def expand_shape(
     total = request.prompt_tokens
     prefix = request.prefilled_tokens
     group = list(request.kv_instances)
+    if len(group) > problem.sp_limit:
+        return []  # its KV already spans more instances than any chunk may use
     nodes = {g // per_node for g in group}
     cap = max(cap, len(group), 1)
     if by_free is None:
@@ -130,9 +132,13 @@ def expand_shape(
                 # Not even one block fits before more instances free up: wait for them.
                 start = breakpoint_s
                 continue
-        if top_load + -(-(end_token - prefix) // sp) + -(-(total - end_token) // reach) > capacity:
+        if not _fits(top_load, end_token - prefix, total - end_token, sp, reach, capacity):
             room = _kv_room(top_load, total - prefix, sp, reach, capacity)
             mem_end = (prefix + room) // block * block if prefix + room < total else total
+            # Ceilings make the reserve rule non-monotone in c: re-check after rounding.
+            while mem_end > prefix and not _fits(top_load, mem_end - prefix, total - mem_end,
+                                                 sp, reach, capacity):
+                mem_end = (mem_end - 1) // block * block
             if (forced_last and mem_end < total) or mem_end <= prefix:
                 if grow_s is None:
                     return []  # the rest cannot fit even on the widest group this cap allows
@@ -145,6 +151,10 @@ def expand_shape(
         prefix = end_token
         start = end_s
     return chunks
+
+
+def _fits(load: int, c: int, rest_after: int, sp: int, reach: int, capacity: int) -> bool:
+    return load + -(-c // sp) + -(-rest_after // reach) <= capacity
 
 
 def _kv_room(load: int, rest: int, sp: int, reach: int, capacity: int) -> int:
@@ -160,7 +170,7 @@ def _kv_room(load: int, rest: int, sp: int, reach: int, capacity: int) -> int:
     slack = capacity - load - rest / reach
     c = int(slack / (1 / sp - 1 / reach)) if slack > 0 else 0
     c = min(c, rest)
-    while c > 0 and load + -(-c // sp) + -(-(rest - c) // reach) > capacity:
+    while c > 0 and not _fits(load, c, rest - c, sp, reach, capacity):
         c -= 1
     return c
 

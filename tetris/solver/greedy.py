@@ -62,6 +62,10 @@ def best_cap_plan(
             best, best_key = shape, key
         if len(shape[-1][2]) < cap:
             break  # the cap never bound (groups only grow): larger caps give this same plan
+    if not best:
+        # The reserve rule is a heuristic under block rounding; one chunk on the widest group,
+        # once it is free, holds the KV whenever anything can.
+        best = expand_shape(problem, request, free_s, caps[-1], max_chunks=1, by_free=by_free)
     return to_plan(request, best) if best else None
 
 
@@ -113,9 +117,13 @@ def solve_greedy(problem: Problem, time_limit_ms: float | None = None) -> SolveR
     wall_ms = (time.perf_counter() - started) * 1e3
     if isinstance(found, PendingRequest):
         rest = found.prompt_tokens - found.prefilled_tokens
-        why = (f"request {found.request_id!r}: KV of {rest} more tokens fits on no group of "
-               f"at most {problem.sp_limit} instances "
-               f"({problem.cost_model.kv_capacity_tokens} tokens each)")
+        if len(found.kv_instances) > problem.sp_limit:
+            why = (f"request {found.request_id!r}: its KV already spans "
+                   f"{len(found.kv_instances)} instances, more than max_sp {problem.sp_limit}")
+        else:
+            why = (f"request {found.request_id!r}: KV of {rest} more tokens fits on no group "
+                   f"of at most {problem.sp_limit} instances "
+                   f"({problem.cost_model.kv_capacity_tokens} tokens each)")
         return SolveResult("greedy", SolveStatus.INFEASIBLE, None, None, wall_ms,
                            stats={"infeasible": why})
     plans, objective, order = found

@@ -39,6 +39,7 @@ later than a feasible schedule in that order) and `total_objective` re-prices it
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass
@@ -159,14 +160,88 @@ def _restrict(problem: Problem, cands: list[list[Candidate]],
     return kept, windows
 
 
-def _build(problem: Problem, cands: list[list[Candidate]], windows: list[_Window]) -> _Model:
+@dataclass
+class _Chunks:
+    """Every chunk of every candidate, flattened in (request, candidate, chunk) order, with the
+    window its start variable gets in the model: [lo, hi]."""
+
+    refs: list[_Ref]
+    lo: list[float]
+    hi: list[float]
+    duration: list[float]
+    instances: list[tuple[int, ...]]
+    first: list[int]  # first[r]: index of request r's first chunk; first[-1] = len(refs)
+
+
+def _chunks(problem: Problem, cands: list[list[Candidate]], windows: list[_Window]) -> _Chunks:
+    """lo: the start the chunk gets when its chain runs alone; hi: the window's cap less the
+    chain's remaining duration (never below lo)."""
+    out = _Chunks([], [], [], [], [], [])
+    for r, (per, win) in enumerate(zip(cands, windows, strict=True)):
+        out.first.append(len(out.refs))
+        for m, cand in enumerate(per):
+            alone = _alone(cand, problem.now_s)
+            tail = win.cap
+            his = []
+            for c in reversed(cand.chunks):
+                tail -= c.duration_s
+                his.append(tail)
+            his.reverse()
+            for k, c in enumerate(cand.chunks):
+                out.refs.append((r, m, k))
+                out.lo.append(alone[k])
+                out.hi.append(max(alone[k], his[k]))
+                out.duration.append(c.duration_s)
+                out.instances.append(c.instances)
+    out.first.append(len(out.refs))
+    return out
+
+
+def _disjunctive(num_instances: int, chunks: _Chunks) -> list[int]:
+    """For chunk t (index into `chunks.refs`), a bitmask of the chunks j > t that need an order
+    binary with it: of a later request, sharing an instance, and with start windows that can
+    overlap (lo_j < hi_t + d_t and lo_t < hi_j + d_j; otherwise M ≤ 0, see the module doc).
+    Python ints as bitsets keep this at ~1-3 ms even for 500,000 pairs, so the pairs can be
+    counted before the (far costlier) model is built."""
+    n = len(chunks.refs)
+    on = [0] * num_instances
+    for t, gs in enumerate(chunks.instances):
+        for g in gs:
+            on[g] |= 1 << t
+    end = [h + d for h, d in zip(chunks.hi, chunks.duration, strict=True)]
+    by_lo = sorted(range(n), key=chunks.lo.__getitem__)
+    lo_sorted = [chunks.lo[t] for t in by_lo]
+    starts_before = [0]  # starts_before[p]: the p chunks with the smallest lo
+    for t in by_lo:
+        starts_before.append(starts_before[-1] | (1 << t))
+    by_end = sorted(range(n), key=end.__getitem__)
+    end_sorted = [end[t] for t in by_end]
+    ends_after = [0] * (n + 1)  # ends_after[p]: all but the p chunks with the smallest end
+    for p in range(n - 1, -1, -1):
+        ends_after[p] = ends_after[p + 1] | (1 << by_end[p])
+    masks = []
+    r = 0
+    for t in range(n):
+        while t >= chunks.first[r + 1]:
+            r += 1
+        share = 0
+        for g in chunks.instances[t]:
+            share |= on[g]
+        later = share >> chunks.first[r + 1] << chunks.first[r + 1]
+        masks.append(later & starts_before[bisect.bisect_left(lo_sorted, end[t])]
+                     & ends_after[bisect.bisect_right(end_sorted, chunks.lo[t])])
+    return masks
+
+
+def _build(problem: Problem, cands: list[list[Candidate]], windows: list[_Window],
+           chunks: _Chunks, pairs: list[int], abort_at: float = math.inf) -> _Model | None:
+    """The model; None if the clock passes `abort_at` (checked every 256 order binaries)."""
     now, lam, pen = problem.now_s, problem.gpu_cost_weight, problem.miss_penalty
     prob = pulp.LpProblem("tetris", pulp.LpMinimize)
     objective: list[Any] = []
     constant = 0.0
     xs, ss, ends, misses, deadlines = [], [], [], [], []
-    lo: dict[_Ref, float] = {}
-    hi: dict[_Ref, float] = {}
+    t = 0
     for r, (per, win) in enumerate(zip(cands, windows, strict=True)):
         req = problem.requests[r]
         scale = req.weight / req.ttft_slo_s
@@ -181,16 +256,11 @@ def _build(problem: Problem, cands: list[list[Candidate]], windows: list[_Window
             prob += end - deadline <= (cap - deadline) * miss
         s_r = []
         for m, cand in enumerate(per):
-            tail = cap
-            his = []
-            for c in reversed(cand.chunks):
-                tail -= c.duration_s
-                his.append(tail)
-            his.reverse()
             s_rm = []
             for k in range(len(cand.chunks)):
-                lo[r, m, k], hi[r, m, k] = alone[m][k], max(alone[m][k], his[k])
-                s_rm.append(prob.add_variable(f"s_{r}_{m}_{k}", lo[r, m, k], hi[r, m, k]))
+                assert chunks.refs[t] == (r, m, k)
+                s_rm.append(prob.add_variable(f"s_{r}_{m}_{k}", chunks.lo[t], chunks.hi[t]))
+                t += 1
                 if k:
                     prob += s_rm[k] >= s_rm[k - 1] + cand.chunks[k - 1].duration_s
             last = cand.chunks[-1].duration_s
@@ -207,27 +277,33 @@ def _build(problem: Problem, cands: list[list[Candidate]], windows: list[_Window
         ends.append(end)
         misses.append(miss)
         deadlines.append(deadline)
-    on: list[list[_Ref]] = [[] for _ in range(problem.num_instances)]
-    for r, per in enumerate(cands):
-        for m, cand in enumerate(per):
-            for k, c in enumerate(cand.chunks):
-                for g in c.instances:
-                    on[g].append((r, m, k))
-    pairs = {(i, j) for refs in on for i in refs for j in refs if i[0] < j[0]}
     orders: dict[tuple[_Ref, _Ref], Any] = {}
-    for i, j in sorted(pairs):
-        d_i = cands[i[0]][i[1]].chunks[i[2]].duration_s
-        d_j = cands[j[0]][j[1]].chunks[j[2]].duration_s
-        m_ij = hi[i] + d_i - lo[j]
-        m_ji = hi[j] + d_j - lo[i]
-        if m_ij <= 0 or m_ji <= 0:
-            continue  # their windows cannot overlap
-        y = prob.add_variable("y_{}_{}_{}_{}_{}_{}".format(*i, *j), cat=pulp.LpBinary)
-        x_i, x_j = xs[i[0]][i[1]], xs[j[0]][j[1]]
-        s_i, s_j = ss[i[0]][i[1]][i[2]], ss[j[0]][j[1]][j[2]]
-        prob += s_i + d_i - s_j <= m_ij * (3 - y - x_i - x_j)
-        prob += s_j + d_j - s_i <= m_ji * (2 + y - x_i - x_j)
-        orders[i, j] = y
+    lo, hi, dur, refs = chunks.lo, chunks.hi, chunks.duration, chunks.refs
+    for a, mask in enumerate(pairs):
+        i = refs[a]
+        x_i, s_i = xs[i[0]][i[1]], ss[i[0]][i[1]][i[2]]
+        while mask:
+            low = mask & -mask
+            mask ^= low
+            b = low.bit_length() - 1
+            j = refs[b]
+            m_ij = hi[a] + dur[a] - lo[b]
+            m_ji = hi[b] + dur[b] - lo[a]
+            if m_ij <= 0 or m_ji <= 0:
+                continue  # their windows cannot overlap (`_disjunctive` leaves these out)
+            if not len(orders) % 256 and time.perf_counter() > abort_at:
+                return None
+            y = prob.add_variable("y_{}_{}_{}_{}_{}_{}".format(*i, *j), cat=pulp.LpBinary)
+            x_j, s_j = xs[j[0]][j[1]], ss[j[0]][j[1]][j[2]]
+            # s_i + d_i − s_j ≤ M_ij·(3 − y − x_i − x_j) and s_j + d_j − s_i ≤ M_ji·(2 + y − x_i
+            # − x_j), written out term by term: pulp's operator arithmetic costs 4x as much.
+            prob.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(
+                {s_i: 1, s_j: -1, y: m_ij, x_i: m_ij, x_j: m_ij}, dur[a] - 3 * m_ij),
+                pulp.LpConstraintLE))
+            prob.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(
+                {s_j: 1, s_i: -1, y: -m_ji, x_i: m_ji, x_j: m_ji}, dur[b] - 2 * m_ji),
+                pulp.LpConstraintLE))
+            orders[i, j] = y
     prob += pulp.lpSum(objective) + constant
     return _Model(prob, xs, ss, ends, misses, orders, deadlines)
 

@@ -22,6 +22,13 @@ from tetris.solver.plan import ChunkPlan, RequestPlan
 from tetris.solver.problem import PendingRequest, Problem
 
 DURATION_ABS_TOL_S = 1e-12
+# Times are absolute (a monotonic clock, a long simulation): end − start of a chunk carries a
+# rounding error of about one ulp of the clock value, so tolerances grow with the clock.
+ULPS = 4
+
+
+def _clock_tol(tol: float, *times: float) -> float:
+    return tol + ULPS * math.ulp(max(abs(t) for t in times))
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +41,7 @@ class Violation:
         return f"[{self.code}] {self.message}"
 
 
-class InvalidPlanError(ValueError):
+class InvalidPlanError(RuntimeError):
     """Raised by `ensure_valid`; `violations` holds every problem found."""
 
     def __init__(self, violations: Sequence[Violation]) -> None:
@@ -70,6 +77,7 @@ def _check_plan(
     out: list[Violation],
     time_tol_s: float,
     duration_rel_tol: float,
+    timing: bool,
 ) -> None:
     rid = req.request_id
     chunks = plan.chunks
@@ -130,26 +138,31 @@ def _check_plan(
         prev_group = group
 
         # -- times ---------------------------------------------------------------------------
+        if not timing:
+            prev = c
+            continue
         if not (math.isfinite(c.start_s) and math.isfinite(c.end_s)):
             at("bad_time", "non-finite time")
             prev = c
             continue
-        if prev is not None and math.isfinite(prev.end_s) and c.start_s < prev.end_s - time_tol_s:
+        tol = _clock_tol(time_tol_s, c.start_s, c.end_s)
+        if prev is not None and math.isfinite(prev.end_s) and c.start_s < prev.end_s - tol:
             at("order", f"starts before chunk {k - 1} ends at {_t(prev.end_s)}")
         if k == 0:
-            if c.start_s < req.earliest_start_s - time_tol_s:
+            if c.start_s < req.earliest_start_s - tol:
                 at("too_early", f"starts before the request is ready at {_t(req.earliest_start_s)}")
-            if c.start_s < problem.now_s - time_tol_s:
+            if c.start_s < problem.now_s - tol:
                 at("too_early", f"starts before now {_t(problem.now_s)}")
         for g in sorted(valid_ids):
-            if c.start_s < avail[g] - time_tol_s:
+            if c.start_s < avail[g] - tol:
                 at("too_early", f"instance {g} is busy until {_t(avail[g])}")
         # A malformed chunk has no meaningful cost (and sp=0 would divide by zero); it is
         # already reported above.
         if c.instances and c.end_token > c.start_token:
             want = cost.chunk_seconds_on(c.tokens, c.start_token, c.instances)
             got = c.end_s - c.start_s
-            if abs(got - want) > duration_rel_tol * abs(want) + DURATION_ABS_TOL_S:
+            if abs(got - want) > duration_rel_tol * abs(want) + _clock_tol(
+                    DURATION_ABS_TOL_S, c.start_s, c.end_s):
                 at("duration", f"lasts {_t(got)}, cost model says {_t(want)}")
         for g in valid_ids:
             busy[g].append((c.start_s, c.end_s, rid, k))
@@ -185,7 +198,7 @@ def _check_overlaps(busy: list[list[_Busy]], out: list[Violation], time_tol_s: f
         reach = items[0]
         for cur in items[1:]:
             s, e, rid, k = cur
-            if min(reach[1], e) - s > time_tol_s:
+            if min(reach[1], e) - s > _clock_tol(time_tol_s, s, e):
                 out.append(Violation(
                     "overlap", rid,
                     f"instance {g}: request {rid!r} chunk {k} [{_t(s)}, {_t(e)}) overlaps "
@@ -201,8 +214,12 @@ def validate_plans(
     *,
     time_tol_s: float = 1e-9,
     duration_rel_tol: float = 1e-9,
+    timing: bool = True,
 ) -> list[Violation]:
-    """Every way `plans` break the problem's rules; empty means the plans are valid."""
+    """Every way `plans` break the problem's rules; empty means the plans are valid.
+
+    `timing=False` checks structure only (tokens, groups, KV memory, not times): for plans that
+    carry no schedule, like a chunking given by hand to `tetris generate`."""
     out: list[Violation] = []
     busy: list[list[_Busy]] = [[] for _ in range(problem.num_instances)]
     index = problem.index_of
@@ -218,12 +235,14 @@ def validate_plans(
             out.append(Violation("duplicate_plan", rid, f"more than one plan for request {rid!r}"))
             continue
         seen.add(rid)
-        _check_plan(problem, problem.requests[i], plan, busy, out, time_tol_s, duration_rel_tol)
+        _check_plan(problem, problem.requests[i], plan, busy, out, time_tol_s, duration_rel_tol,
+                    timing)
     for r in problem.requests:
         if r.request_id not in seen:
             out.append(Violation("missing_plan", r.request_id,
                                  f"no plan for pending request {r.request_id!r}"))
-    _check_overlaps(busy, out, time_tol_s)
+    if timing:
+        _check_overlaps(busy, out, time_tol_s)
     return out
 
 
