@@ -86,12 +86,19 @@ def test_long_prompt_every_plan_matches_hf(group: LocalSPGroup, hf_model: object
         assert float(error) < 1e-3, plan
 
 
-def test_chat_prompt_matches_hf(group: LocalSPGroup, hf_model: object, tokenizer: object) -> None:
-    """A short chat-templated prompt, prefilled 1→2 and decoded over 2 ranks."""
-    prompt = tokenizer.encode_chat(  # type: ignore[attr-defined]
-        [{"role": "user", "content": "What is the capital of France? Answer briefly."}])
+@pytest.mark.parametrize(("kind", "plan"), [("chat", "half:1,rest:2"), ("plain", "2:1,rest:3")])
+def test_short_prompts_match_hf(group: LocalSPGroup, hf_model: object, tokenizer: object,
+                                kind: str, plan: str) -> None:
+    """A chat-templated prompt prefilled 1→2 and decoded over 2 ranks; a plain prompt whose
+    3-rank chunk is about as short as its group. Both equal HF's greedy tokens."""
+    if kind == "chat":
+        prompt = tokenizer.encode_chat(  # type: ignore[attr-defined]
+            [{"role": "user", "content": "What is the capital of France? Answer briefly."}])
+    else:
+        prompt = tokenizer.encode("The three primary colors of light are")  # type: ignore[attr-defined]
     eos = sorted(tokenizer.eos_ids)  # type: ignore[attr-defined]
     expected, _ = reference(hf_model, prompt, eos)
-    result = generate(group, prompt, parse_chunks(f"{len(prompt) // 2}:1,rest:2", len(prompt)),
+    plan = plan.replace("half", str(len(prompt) // 2))
+    result = generate(group, prompt, parse_chunks(plan, len(prompt)),
                       SamplingParams(max_tokens=NEW_TOKENS), eos)
     assert result.token_ids == expected

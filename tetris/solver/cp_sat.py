@@ -9,12 +9,13 @@ so any tick schedule is feasible in real time — `schedule.left_shift` then re-
 - E_r = end of the chosen candidate's last chunk;  E_r ≤ deadline_r + C unless miss_r
 - minimise Σ_r w_r·(E_r − a_r)/S_r + P·w_r·miss_r + λ·w_r·Σ_m x[r,m]·GPUsec[r,m]/S_r
 
-Rounding. Rounding up moves any chunk's end by at most C = (chunks on the longest chain) + 1
-ticks (`_chain_ticks`), so the deadline of the miss literal is `floor(deadline/tick) + C`: a plan
-that meets an SLO in real time also meets it on the tick grid, and the tick model never prices a
-miss the exact problem does not have (optimistic; the exact re-pricing after `left_shift`
-decides the returned objective). The objective goes to CP-SAT with integer coefficients of a
-known scale K (`integer_objective`), not as floats that CP-SAT would scale itself with an unknown
+Rounding. Rounding up moves any chunk's end by at most C ticks, C = Σ_r (most chunks of r's
+candidates) + 1, a bound on the length of any chain of waits (`_chain_ticks`), so the miss
+literal's deadline is `floor(deadline/tick) + C`: a plan that meets an SLO in real time also
+meets it on the tick grid, and the tick model never prices a miss the exact problem does not
+have (optimistic; the exact re-pricing after `left_shift` decides the returned objective).
+The objective goes to CP-SAT with integer coefficients of a known scale K
+(`integer_objective`), not as floats that CP-SAT would scale itself with an unknown
 error (~1e-5 absolute, as large as one tick of a long SLO). Hence
 
     bound = CP-SAT's integer bound / K + constant − (coefficient rounding error)
@@ -301,8 +302,9 @@ def solve_cp(
     per_request = _candidates_per_request(problem, opts, left_ms if timed else None)
     if per_request == 0:
         stats["cp_status"] = (
-            f"skipped: {max(0.0, left_ms):.1f} ms of the limit left after greedy "
-            f"({greedy_ms:.1f} ms), too little for {MIN_CANDIDATES} candidates a request"
+            f"skipped: greedy took {greedy_ms:.1f} ms of the {time_limit_ms:g} ms limit; the "
+            f"{max(0.0, left_ms):.1f} ms left (less a {MODEL_BUILD_RESERVE_MS:g} ms reserve) fit "
+            f"fewer than {MIN_CANDIDATES} candidates a request"
         )
         return _result(greedy.plans, greedy.objective, None, False, started, stats)
     cands = generate_candidates(problem, greedy.plans, per_request)
@@ -345,22 +347,22 @@ def solve_cp(
     tick_objective = solver.objective_value / scale + built.constant
     stats["cp_objective"] = objective
     stats["cp_tick_objective"] = tick_objective
-    bound = max(
-        solver.best_objective_bound / scale + built.constant - error
-        - _rounding_slack(problem, cands, opts.tick_s),
-        contention_free_bound(problem, cands),
-    )
+    cp_bound = (solver.best_objective_bound / scale + built.constant - error
+                - _rounding_slack(problem, cands, opts.tick_s))
+    stats["cp_bound"] = cp_bound
+    bound = max(cp_bound, contention_free_bound(problem, cands))
     proved = status == cp_model.OPTIMAL
     if objective > tick_objective + error + 1e-9 * max(1.0, abs(tick_objective)):
         # Left-shifting never ends a chunk later than its tick time, so only a deadline met
         # within the optimistic C-tick slack but missed in real time gets here.
         proved = False
         stats["cp_note"] = "an SLO met on the tick grid (within the rounding slack) is missed"
-    if objective < greedy.objective - 1e-12:
-        stats["improved_on_greedy"] = 1
-        return _result(plans, objective, bound, proved, started, stats)
-    stats["improved_on_greedy"] = 0
-    return _result(greedy.plans, greedy.objective, bound, proved, started, stats)
+    improved = objective < greedy.objective - 1e-12
+    stats["improved_on_greedy"] = int(improved)
+    best_plans, best = (plans, objective) if improved else (greedy.plans, greedy.objective)
+    if best < bound <= best + 1e-9 * max(1.0, abs(best)):
+        bound = best  # float noise (sums in another order), not a bound above a plan
+    return _result(best_plans, best, bound, proved, started, stats)
 
 
 def contention_free_bound(problem: Problem, cands: list[list[Candidate]]) -> float:
