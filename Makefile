@@ -18,5 +18,5 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tetris tests benchmarks
-	$(VENV)/bin/mypy tetris/solver
+	$(VENV)/bin/mypy tetris
 	$(VENV)/bin/python -m pytest

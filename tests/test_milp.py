@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pulp
 import pytest
 
+from tetris.evaluation.solver_bench import random_problem as bench_problem
+from tetris.solver import milp
+from tetris.solver.candidates import generate_candidates
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostCoefficients, CostModel
 from tetris.solver.cp_sat import CpOptions, solve_cp
@@ -200,3 +205,112 @@ def test_unknown_backend() -> None:
     """A backend other than cbc or highs is refused."""
     with pytest.raises(ValueError, match="backend"):
         solve_milp(hand_problem(), 1000, MilpOptions(backend="gurobi"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_time_limit_kept_at_scale(backend: str) -> None:
+    """16 instances × 32 requests in 300 ms (took 26-60 s at 500): valid plan, skip explained."""
+    problem = bench_problem(16, 32, 0)
+    started = time.perf_counter()
+    result = solve_milp(problem, 300, MilpOptions(backend=backend))
+    wall_ms = (time.perf_counter() - started) * 1e3
+    assert wall_ms < 300 + float(result.stats["greedy_ms"]) + 100
+    assert result.status.has_plans and result.objective is not None
+    assert_valid(problem, result.plans)
+    status = str(result.stats["milp_status"])
+    if status.startswith("skipped"):
+        assert " ms" in status  # says what did not fit
+    else:
+        assert int(result.stats["candidates_per_request"]) >= 1
+        assert float(result.stats["setup_estimate_ms"]) <= 300
+
+
+def test_skips_when_pairs_do_not_fit() -> None:
+    """A budget too short for even one candidate per request: greedy's plan, and the count why."""
+    problem = bench_problem(32, 32, 0)
+    greedy = solve_greedy(problem)
+    started = time.perf_counter()
+    result = solve_milp(problem, 100)  # 467 pairs at one candidate a request: ~100 ms of setup
+    wall_ms = (time.perf_counter() - started) * 1e3
+    assert wall_ms < 100 + float(result.stats["greedy_ms"]) + 50
+    status = str(result.stats["milp_status"])
+    assert status.startswith("skipped: ") and "pairs would take" in status and "budget" in status
+    assert int(result.stats["order_binaries"]) > 0
+    assert result.objective == greedy.objective and result.status is SolveStatus.FEASIBLE
+    assert_valid(problem, result.plans)
+
+
+def test_skips_when_greedy_uses_the_budget() -> None:
+    """No time left after greedy: no candidates are even generated."""
+    result = solve_milp(bench_problem(16, 32, 0), 1)
+    assert str(result.stats["milp_status"]).startswith("skipped: ")
+    assert "left after greedy" in str(result.stats["milp_status"])
+    assert "candidates" not in result.stats
+    assert result.status is SolveStatus.FEASIBLE
+
+
+def test_build_aborts_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Costs underestimated ~10,000-fold, so all candidates go in: the build loop stops in time."""
+    monkeypatch.setattr(milp, "_costs", lambda opts: milp._Costs(
+        build_per_pair=1e-5, before_per_pair=1e-5, after_per_pair=1e-5))
+    problem = bench_problem(16, 16, 0)
+    started = time.perf_counter()
+    result = solve_milp(problem, 300)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    assert int(result.stats["order_binaries"]) > 50_000  # seconds to build
+    assert wall_ms < 300 + float(result.stats["greedy_ms"]) + 50
+    assert "overran" in str(result.stats["milp_status"])
+    assert_valid(problem, result.plans)
+
+
+def brute_force_pairs(problem: Problem, chunks: Any) -> set[tuple[Any, Any]]:
+    """Chunks of different requests sharing an instance whose big-Ms are both positive."""
+    index = {ref: t for t, ref in enumerate(chunks.refs)}
+    on: list[list[Any]] = [[] for _ in range(problem.num_instances)]
+    for t, gs in enumerate(chunks.instances):
+        for g in gs:
+            on[g].append(chunks.refs[t])
+    out = set()
+    for i, j in {(i, j) for refs in on for i in refs for j in refs if i[0] < j[0]}:
+        a, b = index[i], index[j]
+        if (chunks.hi[a] + chunks.duration[a] - chunks.lo[b] > 0
+                and chunks.hi[b] + chunks.duration[b] - chunks.lo[a] > 0):
+            out.add((i, j))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_count_matches_model(seed: int) -> None:
+    """The pairs counted before building are those of a brute-force count and of the model."""
+    for problem in (random_problem(seed), bench_problem(8, 8, seed), bench_problem(4, 16, seed)):
+        greedy = solve_greedy(problem)
+        assert greedy.objective is not None
+        cands, windows = milp._restrict(
+            problem, generate_candidates(problem, greedy.plans, 4), greedy.objective)
+        chunks = milp._chunks(problem, cands, windows)
+        pairs = milp._disjunctive(problem.num_instances, chunks)
+        built = milp._build(problem, cands, windows, chunks, pairs)
+        assert built is not None
+        expected = brute_force_pairs(problem, chunks)
+        assert sum(mask.bit_count() for mask in pairs) == len(expected)
+        assert set(built.orders) == expected
+        if built.orders:  # a deadline already passed stops it at the first order binary
+            assert milp._build(problem, cands, windows, chunks, pairs, abort_at=0.0) is None
+
+
+def test_cbc_killed_at_its_deadline() -> None:
+    """CBC still running at `kill_at` is killed, not waited for; its temporary files are removed."""
+    problem = bench_problem(16, 32, 0)
+    greedy = solve_greedy(problem)
+    assert greedy.objective is not None
+    cands, windows = milp._restrict(
+        problem, generate_candidates(problem, greedy.plans, 2), greedy.objective)
+    built = milp._build(problem, cands, windows)  # ~1,800 pairs: CBC proves nothing in 10 s
+    assert built is not None
+    started = time.perf_counter()
+    solver = milp._solver(MilpOptions(), started + 10.0, started + 0.3)
+    with pytest.raises(pulp.PulpSolverError):
+        built.prob.solve(solver)
+    assert solver.killed
+    assert time.perf_counter() - started < 0.5
+    assert not any(os.path.exists(f) for f in solver._files)

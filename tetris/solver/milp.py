@@ -34,13 +34,19 @@ Solver tolerances (≈1e-6 on integrality and feasibility) let MILP times be sli
 solution is only read for its choices and chunk order: `left_shift` re-times it exactly (never
 later than a feasible schedule in that order) and `total_objective` re-prices it. As in
 `cp_sat`, the result is the better of greedy's and the MILP's plans by that exact objective.
-"Optimal" means proved within MIP_REL_GAP and those tolerances.
+"Optimal" means proved within MIP_REL_GAP and those tolerances, over the candidates given — and
+how many candidates a request gets depends on the time limit (`solve_milp`), down to greedy's
+plan alone (the MILP then only re-orders chunks) under short limits on large problems.
 """
 
 from __future__ import annotations
 
 import bisect
+import glob
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +65,6 @@ BACKENDS = ("cbc", "highs")
 MIP_REL_GAP = 1e-6  # HiGHS's default 1e-4 would call a 0.01 %-suboptimal plan "optimal"
 # Reading the solution back and left-shifting it; CBC also spends this starting its process.
 SOLVE_RESERVE_MS = 5.0
-# pulp hands the model over (MPS file for CBC, row by row for HiGHS) before any solver clock
-# starts; measured, that takes about as long as building it. Reserved so as not to overrun.
-HANDOVER_PER_BUILD = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,72 @@ class MilpOptions:
     warm_start: bool = True  # greedy's plan as the initial solution
     threads: int = 1
     msg: bool = False
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """What the model costs outside the solver's search, in ms per order binary (`pairs`: they
+    dominate, 87,141 of them for 199 candidates at 16 instances × 16 requests) plus a constant.
+    Measured on this 2-core machine, shared with other jobs, on `tetris bench solver` problems
+    (16-32 instances × 16-32 requests, 400-11,000 pairs; pulp 3.3, CBC 2.10, HiGHS 1.16), and
+    set at the upper end so that a loaded machine still keeps the limit:
+    - build: `_build` + `_warm_start`: 11-15 µs a pair (~20 at 87,000; 39-46 when the pair
+      constraints went through pulp's operators), ~20 µs a chunk.
+    - before: what `prob.solve` takes with a 1 ms limit, i.e. the work no time limit stops:
+      CBC 45-75 µs a pair (pulp writes the MPS file, CBC reads it, presolves, solves the root
+      LP), HiGHS 22-39 µs (pulp copies the model in row by row, HiGHS presolves).
+    - after: how far past its deadline `prob.solve` returns when the limit leaves time to search
+      (limits of 0.2-2 s): both solvers check their clock only between steps that grow with the
+      model, plus reading the solution back (4-6 µs a pair). CBC (between root cut passes and
+      heuristics): 20-55 ms at 400 pairs, up to 120 at 1,200, 150 at 1,800, 180 at 3,400, 440 at
+      11,000. HiGHS: 3-25 ms up to 3,400 pairs, but 35-270 at 6,200 and 260-350 at 11,000
+      warm-started, and 150-820 ms without the start (1,800-11,000 pairs).
+    The solve is allowed to end up to ~50 ms late (the limit's tolerance), so `after` covers the
+    common case, not every outlier; CBC still running at the deadline is killed (`_Cbc`)."""
+
+    build_per_pair: float = 0.015
+    build_per_chunk: float = 0.02
+    before_per_pair: float = 0.065
+    before_fixed: float = 10.0
+    after_per_pair: float = 0.05
+    after_fixed: float = 30.0
+    readback_per_pair: float = 0.006  # the part of `after` that follows the solver's exit
+
+    @property
+    def per_pair(self) -> float:
+        return self.build_per_pair + self.before_per_pair + self.after_per_pair
+
+    @property
+    def fixed(self) -> float:
+        return self.before_fixed + self.after_fixed
+
+    def setup_ms(self, pairs: int, chunks: int) -> float:
+        """Building, handing over and reading back: the time the solver does not search."""
+        return self.per_pair * pairs + self.build_per_chunk * chunks + self.fixed
+
+    def room_ms(self, budget_ms: float) -> float:
+        """How much of the setup may grow with the candidates: SETUP_SHARE of what the fixed
+        costs leave, so that the solver searches at least as long as extra candidates cost."""
+        return SETUP_SHARE * (budget_ms - self.fixed)
+
+
+def _costs(opts: MilpOptions) -> _Costs:
+    if opts.backend == "cbc":
+        return _Costs()
+    return _Costs(before_per_pair=0.035, before_fixed=2.0,
+                  after_per_pair=0.04 if opts.warm_start else 0.08, after_fixed=5.0)
+
+
+# The solver should search for at least as long as the setup takes (the rest of the budget).
+SETUP_SHARE = 0.5
+# Least solver time worth handing the model over for; below it the MILP is skipped.
+MIN_SOLVE_MS = 10.0
+# Order binaries ≈ PAIR_DENSITY·N² for N candidates in all (measured 0.3-0.85, mostly ~0.5, at
+# 16-32 instances × 16-32 requests); used for a first guess of candidates per request, which
+# the exact count (`_disjunctive`) then corrects.
+PAIR_DENSITY = 0.5
+# A build this many times slower than estimated scales the handover estimates up as much.
+MAX_SLOWDOWN = 2.0
 
 
 # A flattened chunk: (request, candidate, chunk index).
@@ -234,8 +303,14 @@ def _disjunctive(num_instances: int, chunks: _Chunks) -> list[int]:
 
 
 def _build(problem: Problem, cands: list[list[Candidate]], windows: list[_Window],
-           chunks: _Chunks, pairs: list[int], abort_at: float = math.inf) -> _Model | None:
-    """The model; None if the clock passes `abort_at` (checked every 256 order binaries)."""
+           chunks: _Chunks | None = None, pairs: list[int] | None = None,
+           abort_at: float = math.inf) -> _Model | None:
+    """The model; None if the clock passes `abort_at` (checked every 256 order binaries).
+    `chunks` and `pairs` are computed here unless given (`solve_milp` has them already)."""
+    if chunks is None:
+        chunks = _chunks(problem, cands, windows)
+    if pairs is None:
+        pairs = _disjunctive(problem.num_instances, chunks)
     now, lam, pen = problem.now_s, problem.gpu_cost_weight, problem.miss_penalty
     prob = pulp.LpProblem("tetris", pulp.LpMinimize)
     objective: list[Any] = []
@@ -363,10 +438,19 @@ class _Highs(pulp.HiGHS):  # type: ignore[misc]
 
 class _Cbc(pulp.COIN_CMD):  # type: ignore[misc]
     """CBC's time limit, read when pulp builds the command line — after it has written the model
-    file, which for large models takes a good share of a short budget."""
+    file, which for large models takes a good share of a short budget.
 
-    def __init__(self, deadline: float, **kwargs: Any) -> None:
+    CBC checks its clock only between steps (cut passes, nodes, heuristics), and one step can
+    run long: 0.8 s past a 2.6 s limit at 4,000 pairs was seen (strong branching at the first
+    node). So a watchdog kills the CBC process still running at `kill_at`; pulp then raises
+    PulpSolverError, and `killed` says why (on Linux; elsewhere there is no watchdog)."""
+
+    def __init__(self, deadline: float, kill_at: float = math.inf, **kwargs: Any) -> None:
         self.deadline = deadline
+        self.kill_at = kill_at
+        self.killed = False
+        self._files: tuple[str, ...] = ()
+        self._done = threading.Event()
         super().__init__(**kwargs)
 
     @property
@@ -377,19 +461,71 @@ class _Cbc(pulp.COIN_CMD):  # type: ignore[misc]
     def timeLimit(self, value: float | None) -> None:
         del value  # pulp's constructor sets it; the deadline rules
 
+    def create_tmp_files(self, name: str, *args: str) -> tuple[str, ...]:
+        self._files = tuple(super().create_tmp_files(name, *args))
+        return self._files
 
-def _solver(opts: MilpOptions, limit_s: float) -> Any:
-    deadline = time.perf_counter() + limit_s
+    def actualSolve(self, lp: Any, **kwargs: Any) -> Any:
+        watchdog = None
+        if math.isfinite(self.kill_at) and os.path.isdir("/proc/self/task"):
+            watchdog = threading.Thread(target=self._watch, daemon=True)
+            watchdog.start()
+        try:
+            return super().actualSolve(lp, **kwargs)
+        finally:
+            self._done.set()
+            if watchdog is not None:
+                watchdog.join()
+            self.delete_tmp_files(*self._files)  # pulp leaves them when CBC fails
+
+    def _watch(self) -> None:
+        if self._done.wait(max(0.0, self.kill_at - time.perf_counter())):
+            return
+        while not self._kill():  # CBC may not have started yet
+            if self._done.wait(0.005):
+                return
+
+    def _kill(self) -> bool:
+        """SIGKILL our child process that is CBC reading this model's file, if there is one."""
+        model = [f for f in self._files if f.endswith(".mps")]
+        if not model:
+            return False
+        for children in glob.glob("/proc/self/task/*/children"):
+            try:
+                with open(children) as f:
+                    pids = f.read().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                        args = cmdline.read().split(b"\0")
+                except OSError:
+                    continue
+                if os.fsencode(model[0]) in args:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        return False  # it ended just now: pulp reads its solution
+                    self.killed = True
+                    return True
+        return False
+
+
+def _solver(opts: MilpOptions, deadline: float, kill_at: float = math.inf) -> Any:
+    """`deadline` (the solver's own limit) and `kill_at` (CBC: the process is killed if still
+    running) are on the `time.perf_counter` clock."""
     if opts.backend == "highs":
-        return _Highs(opts.warm_start, deadline, msg=opts.msg, timeLimit=limit_s,
+        return _Highs(opts.warm_start, deadline, msg=opts.msg,
+                      timeLimit=max(1e-3, deadline - time.perf_counter()),
                       threads=opts.threads, gapRel=MIP_REL_GAP)
     # COIN_CMD on PuLP's bundled binary: PULP_CBC_CMD is the same solver but deprecated.
     kwargs = dict(msg=opts.msg, threads=opts.threads, gapRel=MIP_REL_GAP,
                   warmStart=opts.warm_start, timeMode="elapsed")
-    cbc = _Cbc(deadline, **kwargs)
+    cbc = _Cbc(deadline, kill_at, **kwargs)
     bundled = getattr(getattr(pulp, "PULP_CBC_CMD", None), "pulp_cbc_path", None)
     if not cbc.available() and bundled is not None:
-        cbc = _Cbc(deadline, path=bundled, **kwargs)
+        cbc = _Cbc(deadline, kill_at, path=bundled, **kwargs)
     return cbc
 
 
@@ -413,48 +549,139 @@ def _dual_bound(prob: Any, backend: str) -> float | None:
     return bound + float(prob.objective.constant) if math.isfinite(bound) else None
 
 
+def _candidates_per_request(problem: Problem, opts: MilpOptions, budget_ms: float) -> int:
+    """A first guess: as many candidates as fit the setup's room (`_Costs.room_ms`), with order
+    binaries ≈ PAIR_DENSITY·N² for N in all."""
+    costs = _costs(opts)
+    pairs = max(0.0, costs.room_ms(budget_ms)) / costs.per_pair
+    per_request = math.sqrt(pairs / PAIR_DENSITY) / max(1, len(problem.requests))
+    return max(1, min(opts.max_candidates, int(per_request)))
+
+
 def solve_milp(
     problem: Problem, time_limit_ms: float = 10_000.0, options: MilpOptions | None = None
 ) -> SolveResult:
     """Greedy first (the fallback), then the MILP over the candidates within what is left of
-    `time_limit_ms`; returns whichever plan has the lower exact objective."""
+    `time_limit_ms`; returns whichever plan has the lower exact objective.
+
+    The model has one order binary per pair of chunks that could collide, ~N²/2 for N
+    candidates, and building it and handing it to the solver costs more than searching does at
+    these limits (`_Costs`: 87,141 pairs took 6-9 s to build alone). So the pairs are counted
+    exactly before anything is built, and candidates per request (the first k of
+    `generate_candidates`, greedy's first) are fitted to the room left after greedy
+    (`_Costs.room_ms`). Greedy's plan is returned with stats["milp_status"] = "skipped: …" saying
+    why when no time is left after greedy, when even one candidate a request would not fit, or
+    when building overruns (checked in its loop); "killed: …" when CBC was stopped at the
+    deadline. The limit holds to within greedy's own time (it always runs, stats["greedy_ms"])
+    and the solvers' rarer overruns (HiGHS cannot be stopped between its clock checks)."""
     opts = options or MilpOptions()
     if opts.backend not in BACKENDS:
         raise ValueError(f"unknown MILP backend {opts.backend!r}: use one of {', '.join(BACKENDS)}")
+    costs = _costs(opts)
     started = time.perf_counter()
+    deadline = started + time_limit_ms / 1e3
     greedy = solve_greedy(problem)
     if not greedy.plans:
         return SolveResult("milp", greedy.status, greedy.objective, greedy.objective,
                            (time.perf_counter() - started) * 1e3, stats=dict(greedy.stats))
     assert greedy.objective is not None
-    generated = generate_candidates(problem, greedy.plans, opts.max_candidates)
-    cands, windows = _restrict(problem, generated, greedy.objective)
-    build_started = time.perf_counter()
-    built = _build(problem, cands, windows)
-    build_ms = (time.perf_counter() - build_started) * 1e3
-    if opts.warm_start:
-        _warm_start(problem, built, cands, greedy.plans)
-    prob = built.prob
     stats: dict[str, float | int | str] = {
         "backend": opts.backend,
-        "candidates": sum(len(per) for per in generated),
-        "candidates_kept": sum(len(per) for per in cands),
-        "variables": prob.numVariables(),
-        "constraints": prob.numConstraints(),
         "greedy_objective": greedy.objective,
+        "greedy_ms": (time.perf_counter() - started) * 1e3,
         "improved_on_greedy": 0,
     }
-    budget_ms = (time_limit_ms - (time.perf_counter() - started) * 1e3 - SOLVE_RESERVE_MS
-                 - HANDOVER_PER_BUILD * build_ms)
-    if budget_ms <= 0:
-        stats["milp_status"] = "skipped: no time left after greedy and model building"
+
+    def budget_ms() -> float:  # for building, handing over and solving
+        return (deadline - time.perf_counter()) * 1e3 - SOLVE_RESERVE_MS
+
+    least_ms = costs.setup_ms(0, 0) + MIN_SOLVE_MS
+    if budget_ms() < least_ms:
+        stats["milp_status"] = (f"skipped: {budget_ms():.0f} ms left after greedy "
+                                f"({stats['greedy_ms']:.0f} ms), the MILP needs {least_ms:.0f}")
         return _result(greedy.plans, greedy.objective, None, False, started, stats)
+    guess = _candidates_per_request(problem, opts, budget_ms())
+    generated = generate_candidates(problem, greedy.plans, guess)
+    grown = False
+    while True:  # fit the candidates to the room, by their exact pairs: ~1-3 ms a round
+        cands, windows = _restrict(problem, generated, greedy.objective)
+        chunks = _chunks(problem, cands, windows)
+        pairs = _disjunctive(problem.num_instances, chunks)
+        num_pairs = sum(mask.bit_count() for mask in pairs)
+        setup_ms = costs.setup_ms(num_pairs, len(chunks.refs))
+        room, grows = costs.room_ms(budget_ms()), setup_ms - costs.fixed
+        per_request = max(len(per) for per in generated)
+        if not grown and per_request == guess < opts.max_candidates and grows < room / 4:
+            # Fewer pairs per candidate than PAIR_DENSITY says (few instances, few requests,
+            # windows apart): once, as many more as the room allows.
+            grown = True
+            guess = min(opts.max_candidates, int(guess * math.sqrt(room / max(grows, 1e-3))))
+            generated = generate_candidates(problem, greedy.plans, guess)
+            continue
+        if grows <= room or per_request == 1:
+            break
+        shrink = math.sqrt(max(0.0, room) / grows)
+        per_request = max(1, min(per_request - 1, int(per_request * shrink)))
+        generated = [per[:per_request] for per in generated]  # the first k are those for k
+    stats.update({
+        "candidates": sum(len(per) for per in generated),
+        "candidates_per_request": per_request,
+        "candidates_kept": sum(len(per) for per in cands),
+        "order_binaries": num_pairs,
+        "setup_estimate_ms": setup_ms,
+    })
+    if setup_ms + MIN_SOLVE_MS > budget_ms():
+        stats["milp_status"] = (
+            f"skipped: {num_pairs} pairs would take ~{setup_ms:.0f} ms to build and hand over to "
+            f"{opts.backend}, budget {budget_ms():.0f} ms")
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
+    build_estimate_ms = costs.build_per_pair * num_pairs + costs.build_per_chunk * len(chunks.refs)
+    before_ms = costs.before_per_pair * num_pairs + costs.before_fixed
+    after_ms = costs.after_per_pair * num_pairs + costs.after_fixed
+    # Past this, what is left cannot hand the model over and leave the solver MIN_SOLVE_MS.
+    abort_at = deadline - (SOLVE_RESERVE_MS + after_ms + before_ms + MIN_SOLVE_MS) / 1e3
+    build_started = time.perf_counter()
+    built = _build(problem, cands, windows, chunks, pairs, abort_at)
+    if built is not None and opts.warm_start:
+        _warm_start(problem, built, cands, greedy.plans)
+    build_ms = (time.perf_counter() - build_started) * 1e3
+    stats["build_ms"] = build_ms
+    if built is None:
+        stats["milp_status"] = (
+            f"skipped: building {num_pairs} pairs overran ({build_ms:.0f} ms, estimated "
+            f"{build_estimate_ms:.0f}), no time left to hand over and solve")
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
+    prob = built.prob
+    stats["variables"] = prob.numVariables()
+    stats["constraints"] = prob.numConstraints()
+    # A loaded machine builds slowly, and then hands over and reads back slowly too; capped, as
+    # a single pause (a garbage collection) would otherwise make every later step look slow.
+    slow = min(MAX_SLOWDOWN, max(1.0, build_ms / max(build_estimate_ms, 1.0)))
+    before_ms = slow * costs.before_per_pair * num_pairs + costs.before_fixed
+    after_ms = slow * costs.after_per_pair * num_pairs + costs.after_fixed
+    solver_deadline = deadline - (SOLVE_RESERVE_MS + after_ms) / 1e3
+    solver_ms = (solver_deadline - time.perf_counter()) * 1e3
+    stats["solver_limit_ms"] = solver_ms
+    if solver_ms < before_ms + MIN_SOLVE_MS:
+        stats["milp_status"] = (
+            f"skipped: building {num_pairs} pairs took {build_ms:.0f} ms (estimated "
+            f"{build_estimate_ms:.0f}); handing them over (~{before_ms:.0f} ms) and reading back "
+            f"(~{after_ms:.0f} ms) would leave the solver less than {MIN_SOLVE_MS:.0f} ms")
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
+    # CBC still running here is killed: what is left is for reading its solution back.
+    kill_at = deadline - (SOLVE_RESERVE_MS + slow * costs.readback_per_pair * num_pairs) / 1e3
+    solver = _solver(opts, solver_deadline, kill_at)
     solve_started = time.perf_counter()
     try:
-        prob.solve(_solver(opts, budget_ms / 1e3))
+        prob.solve(solver)
     except pulp.PulpSolverError as error:
-        # Seen with the bundled CBC 2.10.3: a MIP start and ~10-40 ms of limit, and it segfaults.
-        stats["milp_status"] = f"solver error: {error}"
+        if getattr(solver, "killed", False):
+            stats["milp_status"] = (f"killed: CBC ran {(kill_at - solver_deadline) * 1e3:.0f} ms "
+                                    "past its time limit, to the deadline")
+        else:
+            # Seen with the bundled CBC 2.10.3: a MIP start and ~10-40 ms of limit, and it
+            # segfaults.
+            stats["milp_status"] = f"solver error: {error}"
         return _result(greedy.plans, greedy.objective, None, False, started, stats)
     finally:
         stats["milp_wall_ms"] = (time.perf_counter() - solve_started) * 1e3
