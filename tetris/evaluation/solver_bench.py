@@ -4,7 +4,8 @@ Problems: llama3-8b on H100s (8 per node); prompt lengths log-normal (median 8k 
 clipped to [256, 131072] — long-tailed like the Mooncake trace); arrivals uniform in the next
 second; each instance free now with probability 0.4, otherwise at a uniform time in (0, 5] s;
 TTFT SLO = 5 × the request's isolated best TTFT; λ = 0.5. Every returned plan is validated here
-again, independently of `solve`.
+again, independently of `solve`. Latency is the planner's own `wall_ms` (for cp: greedy,
+candidates, model building and search); `with_validation_ms_p99` adds `solve`'s validation.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class BenchConfig:
 @dataclass
 class _Samples:
     latency_ms: list[float] = field(default_factory=list)
+    with_validation_ms: list[float] = field(default_factory=list)
     ratio_to_greedy: list[float] = field(default_factory=list)
     gap_to_bound: list[float] = field(default_factory=list)
     valid: int = 0
@@ -88,7 +90,9 @@ def _record(s: _Samples, p: Problem, name: str, limit: float | None, greedy_obj:
             cp_options: CpOptions | None) -> SolveResult:
     started = time.perf_counter()
     result = solve(p, name, limit, cp_options=cp_options)
-    s.latency_ms.append((time.perf_counter() - started) * 1e3)
+    # The planner's own clock; `solve` then validates, which is reported apart.
+    s.latency_ms.append(result.wall_ms)
+    s.with_validation_ms.append((time.perf_counter() - started) * 1e3)
     s.total += 1
     s.statuses[result.status.value] = s.statuses.get(result.status.value, 0) + 1
     if not result.status.has_plans or result.objective is None:
@@ -119,6 +123,7 @@ def _summary(s: _Samples) -> dict[str, Any]:
         "latency_ms_p50": round(_percentile(s.latency_ms, 0.5), 3),
         "latency_ms_p99": round(_percentile(s.latency_ms, 0.99), 3),
         "latency_ms_max": round(max(s.latency_ms), 3) if s.latency_ms else None,
+        "with_validation_ms_p99": round(_percentile(s.with_validation_ms, 0.99), 3),
         "objective_vs_greedy_mean": round(statistics.fmean(s.ratio_to_greedy), 6) if n else None,
         "beats_greedy_fraction": round(len(better) / n, 4) if n else None,
         "improvement_pct_mean_when_better": round(100 * statistics.fmean(better), 3)
@@ -161,6 +166,7 @@ def run_bench(config: BenchConfig,
             for name, s in samples.items():
                 merged = overall.setdefault(name, _Samples())
                 merged.latency_ms += s.latency_ms
+                merged.with_validation_ms += s.with_validation_ms
                 merged.ratio_to_greedy += s.ratio_to_greedy
                 merged.gap_to_bound += s.gap_to_bound
                 merged.valid += s.valid

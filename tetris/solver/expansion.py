@@ -91,9 +91,18 @@ def expand_shape(
         start = max(start, *(free_s[g] for g in group))
     elif waiting:
         start = max(start, free_s[waiting[0]])
+    num_waiting = len(waiting)
+    if (not group and not cuts and num_waiting >= cap
+            and free_s[waiting[cap - 1]] <= start + EPS_S and total - prefix <= capacity * cap):
+        # The common case, exactly what the loop below would do: `cap` instances are free at
+        # the start, so the group is full at once, nothing can join later, and the whole rest
+        # is one chunk on the first `cap` of them.
+        members = tuple(waiting[:cap])
+        cross = len({g // per_node for g in members}) > 1
+        end_s = start + chunk_seconds(total - prefix, prefix, cap, cross)
+        return [(prefix, total, members, start, end_s)]
     pool: list[int] = []  # free by `start` but not in the group
     nxt = 0
-    num_waiting = len(waiting)
     chunks: Shape = []
     while prefix < total:
         if len(group) < cap:

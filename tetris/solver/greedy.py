@@ -9,11 +9,12 @@ the order with the lowest total objective wins.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from tetris.solver.expansion import Shape, expand_shape, occupy, to_plan
-from tetris.solver.objective import request_cost, total_objective
+from tetris.solver.objective import request_cost
 from tetris.solver.plan import RequestPlan, SolveResult, SolveStatus
 from tetris.solver.problem import PendingRequest, Problem
 
@@ -46,9 +47,9 @@ def request_orders(problem: Problem) -> dict[str, OrderKey]:
 
 def best_cap_plan(
     problem: Problem, request: PendingRequest, free_s: list[float], caps: list[int]
-) -> RequestPlan | None:
-    """The request's own best plan over the SP caps, given what others already hold; None if
-    its KV fits under no cap."""
+) -> tuple[RequestPlan, float] | None:
+    """The request's own best plan over the SP caps, given what others already hold, and its
+    term of the objective; None if its KV fits under no cap."""
     best: Shape = []
     best_key = (0.0, 0.0)
     by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
@@ -66,23 +67,33 @@ def best_cap_plan(
         # The reserve rule is a heuristic under block rounding; one chunk on the widest group,
         # once it is free, holds the KV whenever anything can.
         best = expand_shape(problem, request, free_s, caps[-1], max_chunks=1, by_free=by_free)
-    return to_plan(request, best) if best else None
+        if not best:
+            return None
+        gpu_seconds = sum((end - start) * len(group) for _, _, group, start, end in best)
+        best_key = (request_cost(problem, request, best[-1][4], gpu_seconds), gpu_seconds)
+    return to_plan(request, best), best_key[0]
 
 
 def plan_in_order(
-    problem: Problem, order: list[PendingRequest]
-) -> list[RequestPlan] | PendingRequest:
-    """Plans in `order`, or the first request whose KV fits nowhere."""
+    problem: Problem, order: list[PendingRequest], cutoff: float = math.inf
+) -> tuple[list[RequestPlan], float] | PendingRequest | None:
+    """Plans in `order` and their objective; the first request whose KV fits nowhere; or None
+    once the objective so far exceeds `cutoff` (every term is ≥ 0, so this order has lost)."""
     free_s = [problem.free_at(g) for g in range(problem.num_instances)]
     caps = cap_levels(problem.sp_limit)
     plans = []
+    total = 0.0
     for request in order:
-        plan = best_cap_plan(problem, request, free_s, caps)
-        if plan is None:
+        found = best_cap_plan(problem, request, free_s, caps)
+        if found is None:
             return request
+        plan, cost = found
+        total += cost
+        if total > cutoff:
+            return None
         occupy(free_s, plan)
         plans.append(plan)
-    return plans
+    return plans, total
 
 
 def greedy_plans(problem: Problem) -> tuple[list[RequestPlan], float, str] | PendingRequest:
@@ -96,10 +107,12 @@ def greedy_plans(problem: Problem) -> tuple[list[RequestPlan], float, str] | Pen
         if ids in tried:
             continue  # orders often coincide (e.g. EDF and SPT when SLOs scale with length)
         tried.add(ids)
-        plans = plan_in_order(problem, order)
-        if isinstance(plans, PendingRequest):
-            return plans  # KV fit does not depend on the order
-        objective = total_objective(problem, plans)
+        found = plan_in_order(problem, order, math.inf if best is None else best[1] - 1e-12)
+        if isinstance(found, PendingRequest):
+            return found  # KV fit does not depend on the order (the one-chunk fallback)
+        if found is None:
+            continue  # pruned: worse than the best order so far
+        plans, objective = found
         if best is None or objective < best[1] - 1e-12:
             best = (plans, objective, name)
     assert best is not None
