@@ -13,14 +13,15 @@ import pulp
 import pytest
 
 from tetris.evaluation.solver_bench import random_problem as bench_problem
-from tetris.solver import milp
+from tetris.solver import milp, milp_backends
 from tetris.solver.candidates import generate_candidates
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostCoefficients, CostModel
 from tetris.solver.cp_sat import CpOptions, solve_cp
 from tetris.solver.greedy import solve_greedy
 from tetris.solver.hardware import HARDWARE_PRESETS
-from tetris.solver.milp import MilpOptions, milp_status, solve_milp
+from tetris.solver.milp import MilpOptions, solve_milp
+from tetris.solver.milp_backends import milp_status
 from tetris.solver.model_spec import MODEL_PRESETS
 from tetris.solver.plan import RequestPlan, SolveStatus
 from tetris.solver.problem import PendingRequest, Problem
@@ -327,7 +328,7 @@ def test_cbc_crash_is_retried_with_highs(monkeypatch: pytest.MonkeyPatch) -> Non
     def crash(self: Any, lp: Any, **kwargs: Any) -> Any:
         raise pulp.PulpSolverError("simulated CBC crash")
 
-    monkeypatch.setattr(milp._Cbc, "actualSolve", crash)
+    monkeypatch.setattr(milp_backends.Cbc, "actualSolve", crash)
     result = solve_milp(hand_problem(), 10_000, MilpOptions(backend="cbc"))
     assert result.objective == pytest.approx(HAND_OPTIMUM, abs=1e-9)
     assert result.stats["retried_with"] == "highs"
