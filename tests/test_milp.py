@@ -13,7 +13,7 @@ import pulp
 import pytest
 
 from tetris.evaluation.solver_bench import random_problem as bench_problem
-from tetris.solver import milp, milp_backends
+from tetris.solver import milp, milp_backends, milp_model
 from tetris.solver.candidates import generate_candidates
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostCoefficients, CostModel
@@ -291,17 +291,18 @@ def test_pair_count_matches_model(seed: int) -> None:
     for problem in (random_problem(seed), bench_problem(8, 8, seed), bench_problem(4, 16, seed)):
         greedy = solve_greedy(problem)
         assert greedy.objective is not None
-        cands, windows = milp._restrict(
+        cands, windows = milp_model.restrict(
             problem, generate_candidates(problem, greedy.plans, 4), greedy.objective)
-        chunks = milp._chunks(problem, cands, windows)
-        pairs = milp._disjunctive(problem.num_instances, chunks)
-        built = milp._build(problem, cands, windows, chunks, pairs)
+        chunks = milp_model.flat_chunks(problem, cands, windows)
+        pairs = milp_model.disjunctive_pairs(problem.num_instances, chunks)
+        built = milp_model.build_model(problem, cands, windows, chunks, pairs)
         assert built is not None
         expected = brute_force_pairs(problem, chunks)
         assert sum(mask.bit_count() for mask in pairs) == len(expected)
         assert set(built.orders) == expected
         if built.orders:  # a deadline already passed stops it at the first order binary
-            assert milp._build(problem, cands, windows, chunks, pairs, abort_at=0.0) is None
+            aborted = milp_model.build_model(problem, cands, windows, chunks, pairs, abort_at=0.0)
+            assert aborted is None
 
 
 def test_cbc_killed_at_its_deadline() -> None:
@@ -309,9 +310,10 @@ def test_cbc_killed_at_its_deadline() -> None:
     problem = bench_problem(16, 32, 0)
     greedy = solve_greedy(problem)
     assert greedy.objective is not None
-    cands, windows = milp._restrict(
+    cands, windows = milp_model.restrict(
         problem, generate_candidates(problem, greedy.plans, 2), greedy.objective)
-    built = milp._build(problem, cands, windows)  # ~1,800 pairs: CBC proves nothing in 10 s
+    # ~1,800 pairs: CBC proves nothing in 10 s
+    built = milp_model.build_model(problem, cands, windows)
     assert built is not None
     started = time.perf_counter()
     solver = milp._solver(MilpOptions(), started + 10.0, started + 0.3)

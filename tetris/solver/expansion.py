@@ -11,7 +11,7 @@ only grow, so earlier chunks' KV stays inside them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from tetris.solver.plan import ChunkPlan, RequestPlan
 from tetris.solver.problem import PendingRequest, Problem
@@ -25,25 +25,12 @@ Shape = list[tuple[int, int, tuple[int, ...], float, float]]
 
 
 def expand_plan(
-    problem: Problem,
-    request: PendingRequest,
-    free_s: Sequence[float],
-    cap: int,
-    *,
-    rounding: Rounding = "nearest",
-    max_chunks: int | None = None,
-    by_free: Sequence[int] | None = None,
-    cuts: Sequence[float] = (),
+    problem: Problem, request: PendingRequest, free_s: Sequence[float], cap: int,
+    **options: Any,
 ) -> RequestPlan:
-    """Build the plan against per-instance free times `free_s` (each already ≥ now).
-
-    `by_free` (instances sorted by free time) may be passed in when planning several caps
-    against the same free times, to sort once. `cuts` are extra times at which to end a chunk
-    without growing the group (e.g. other requests' arrivals), so an exact planner can fit
-    those requests in between."""
-    shape = expand_shape(problem, request, free_s, cap, rounding=rounding,
-                         max_chunks=max_chunks, by_free=by_free, cuts=cuts)
-    return to_plan(request, shape)
+    """The plan against per-instance free times `free_s` (each already ≥ now); `options` are
+    `expand_shape`'s (rounding, max_chunks, by_free, cuts)."""
+    return to_plan(request, expand_shape(problem, request, free_s, cap, **options))
 
 
 def to_plan(request: PendingRequest, shape: Shape) -> RequestPlan:
@@ -61,9 +48,13 @@ def expand_shape(
     by_free: Sequence[int] | None = None,
     cuts: Sequence[float] = (),
 ) -> Shape:
-    """`expand_plan` without building plan objects (the greedy compares many shapes).
+    """The Tetris shape as plain tuples (the greedy compares many before building one plan).
 
-    Empty when the request's KV cannot fit under this cap (see `_kv_room`)."""
+    `by_free` (instances sorted by free time) may be passed in when planning several caps
+    against the same free times, to sort once. `cuts` are extra times at which to end a chunk
+    without growing the group (e.g. other requests' arrivals), so an exact planner can fit
+    those requests in between. Empty when the request's KV cannot fit under this cap (see
+    `_kv_room`)."""
     cm = problem.cost_model
     chunk_seconds = cm.chunk_seconds
     per_node = cm.cluster.gpus_per_node
