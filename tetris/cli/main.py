@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from tetris import __version__
-from tetris.cli import bench_cmd, generate_cmd, model_cmd, plan_cmd
+from tetris.cli import bench_cmd, generate_cmd, model_cmd, plan_cmd, simulate_cmd, whatif_cmd
 from tetris.cli.errors import EXIT_USAGE, one_line
 
 PROG = "tetris"
@@ -33,6 +33,8 @@ REGISTRARS: list[Registrar] = [
     bench_cmd.register,
     model_cmd.register,
     generate_cmd.register,
+    simulate_cmd.register,
+    whatif_cmd.register,
 ]
 
 

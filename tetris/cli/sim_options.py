@@ -1,0 +1,146 @@
+"""Options shared by `tetris simulate` and `tetris whatif`: the trace, the cluster, the SLOs.
+
+Settings come from `--config FILE` (a JSON object of `SimConfig` fields) and are overridden by
+any flag given; flags default to None so that "not given" is distinguishable from a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tetris.cli.arg_types import nonnegative_float, positive_float, positive_int
+from tetris.cli.errors import UsageError, for_option
+from tetris.evaluation.sim_config import SimConfig
+from tetris.evaluation.workload import Workload, load_workload
+
+# flag dest -> SimConfig field
+CONFIG_FLAGS = {
+    "model": "model", "hardware": "hardware", "calibration": "calibration",
+    "prefill_instances": "prefill_instances", "decode_instances": "decode_instances",
+    "gpus_per_node": "gpus_per_node", "slo_reference_gpus": "slo_reference_gpus",
+    "tbt_criterion": "tbt_criterion", "seed": "seed", "noise_cv": "noise_cv",
+    "solver_clock": "solver_clock", "cp_time_limit_ms": "cp_time_limit_ms",
+    "milp_time_limit_ms": "milp_time_limit_ms", "static_sp": "static_sp",
+    "distserve_group": "distserve_group", "decode_max_batch": "decode_max_batch",
+    "max_planned": "max_planned",
+}
+
+
+def window(text: str) -> tuple[float, float]:
+    start, sep, end = text.partition(":")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
+    if not sep or b <= a or a < 0:
+        raise argparse.ArgumentTypeError(f"expected START:END with 0 <= START < END, got {text!r}")
+    return a, b
+
+
+def add_trace_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--trace", required=True, metavar="SPEC",
+                   help="mooncake:PATH, azure:PATH, PATH (.jsonl Mooncake / .csv Azure), or "
+                        "synthetic:n=...,rate=...,... (see docs/simulator.md)")
+    g.add_argument("--head", type=positive_int, metavar="N", help="only the first N requests")
+    g.add_argument("--window", type=window, metavar="START:END",
+                   help="only requests arriving in this window of the trace (seconds)")
+    g.add_argument("--no-spread-buckets", action="store_true",
+                   help="keep Mooncake's 3 s timestamp buckets as batches (default: spread "
+                        "arrivals uniformly inside each bucket)")
+    g.add_argument("--trace-seed", type=int, default=0, metavar="N",
+                   help="seed for bucket spreading and synthetic workloads (default 0)")
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster and SLOs (override --config)")
+    g.add_argument("--config", type=Path, metavar="FILE.json", help="SimConfig fields as JSON")
+    g.add_argument("--model", help="model preset or HF config.json/dir (default lwm-7b-1m)")
+    g.add_argument("--hardware", help="hardware preset or HardwareSpec .json (default h100)")
+    g.add_argument("--calibration", help="calibration JSON written by `tetris profile`")
+    g.add_argument("--prefill-instances", type=positive_int, metavar="N", help="default 8")
+    g.add_argument("--decode-instances", type=positive_int, metavar="N", help="default 8")
+    g.add_argument("--gpus-per-node", type=positive_int, metavar="N", help="default 8")
+    slo = g.add_mutually_exclusive_group()
+    slo.add_argument("--ttft-slo-scale", type=positive_float, metavar="X",
+                     help="TTFT SLO = X × best isolated TTFT (default 5)")
+    slo.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
+                     help="absolute TTFT SLO")
+    g.add_argument("--tbt-slo", type=positive_float, metavar="SECONDS", help="default 0.1")
+    g.add_argument("--slo-reference-gpus", type=positive_int, metavar="N",
+                   help="group size of the isolated-TTFT reference (default one node)")
+    g.add_argument("--tbt-criterion", choices=("mean", "p90", "p99", "max"),
+                   help="what of a request's token gaps meets the TBT SLO (default mean)")
+    g = p.add_argument_group("simulation")
+    g.add_argument("--seed", type=int, help="seed of duration noise (default 0)")
+    g.add_argument("--noise-cv", type=nonnegative_float, metavar="CV",
+                   help="log-normal noise on every duration (default 0: exact)")
+    g.add_argument("--solver-clock", choices=("modeled", "measured", "free"),
+                   help="charge planner time as modelled (reproducible, default), measured "
+                        "wall time, or not at all")
+    g.add_argument("--cp-time-limit-ms", type=positive_float, metavar="MS",
+                   help="CP-SAT refinement budget of `tetris` (default 20)")
+    g.add_argument("--milp-time-limit-ms", type=positive_float, metavar="MS")
+    g.add_argument("--max-planned", type=positive_int, metavar="N",
+                   help="requests planned per decision (default 32)")
+    g.add_argument("--static-sp", type=positive_int, metavar="S", help="static-sp size (4)")
+    g.add_argument("--distserve-group", type=positive_int, metavar="S",
+                   help="distserve prefill group size (default 2)")
+    g.add_argument("--decode-max-batch", type=positive_int, metavar="N", help="default 256")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            loaded = json.loads(args.config.read_text())
+        except OSError as err:
+            raise UsageError(f"--config: cannot read {args.config}: {err.strerror}") from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--config: {args.config} is not valid JSON: {err}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--config: {args.config} must hold a JSON object")
+        data.update(loaded)
+    for dest, name in CONFIG_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            data[name] = value
+    slo = dict(data.get("slo") or {"ttft_scale": 5.0, "tbt_s": 0.1})
+    if args.ttft_slo is not None:
+        slo.pop("ttft_scale", None)
+        slo["ttft_s"] = args.ttft_slo
+    elif args.ttft_slo_scale is not None:
+        slo.pop("ttft_s", None)
+        slo["ttft_scale"] = args.ttft_slo_scale
+    if args.tbt_slo is not None:
+        slo["tbt_s"] = args.tbt_slo
+    data["slo"] = slo
+    config = for_option("--config" if args.config else "settings", SimConfig.model_validate,
+                        data)
+    for_option("--model/--hardware/--calibration", config.cost_model)  # fail early, clearly
+    return config
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    try:
+        workload = for_option("--trace", lambda: load_workload(
+            args.trace, seed=args.trace_seed, spread_buckets=not args.no_spread_buckets))
+    except OSError as err:
+        raise UsageError(f"--trace: {err}") from None
+    if args.window is not None:
+        workload = for_option("--window", workload.window, *args.window)
+    if args.head is not None:
+        workload = workload.head(args.head)
+    if len(workload.requests) < 2:
+        raise UsageError(f"--trace: the workload has {len(workload.requests)} request(s); "
+                         "a simulation needs at least 2")
+    return workload
+
+
+def trace_summary(workload: Workload) -> dict[str, Any]:
+    return {"name": workload.name, "requests": len(workload.requests),
+            "duration_s": workload.duration_s, "mean_rate_rps": workload.mean_rate_rps,
+            "notes": list(workload.notes)}

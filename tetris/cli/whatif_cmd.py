@@ -1,0 +1,275 @@
+"""`tetris whatif`: SLO what-if analysis over policies, rates, sweeps and GPU counts.
+
+JSON contract (`--format json`; more keys may be added, none removed):
+    {"trace", "slo", "cluster", "target",
+     "policies": {NAME: {"max_sustainable_rate_rps", "search", "plans_validated",
+                         "at_rates": [{"rate_rps", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
+                                       "tbt_p50_s", "tbt_p99_s", "slo_attainment", ...}]}},
+     "sweep": [{"point": {FIELD: VALUE}, "policies": {...}}],       (with --sweep)
+     "min_gpus": {NAME: {"rate_rps", "gpus", "prefill_instances", ...}}}  (with --min-gpus-for)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from tetris.cli.arg_types import comma_list, positive_float, positive_int
+from tetris.cli.errors import UsageError, for_option
+from tetris.cli.sim_options import (
+    add_config_options,
+    add_trace_options,
+    config_from_args,
+    trace_summary,
+    workload_from_args,
+)
+from tetris.evaluation.plots import plot_attainment_vs_rate, plot_cdfs
+from tetris.evaluation.policies import POLICIES
+from tetris.evaluation.whatif import (
+    DEFAULT_MAX_EVALS,
+    DEFAULT_REL_TOL,
+    DEFAULT_TARGET,
+    GpuUnit,
+    SearchOutcome,
+    SearchUnit,
+    Task,
+    apply_point,
+    run_gpu_unit,
+    run_parallel,
+    run_search_unit,
+    sweep_points,
+)
+from tetris.evaluation.workload import Workload
+
+DEFAULT_POLICIES = ("tetris", "tetris-greedy", "loongserve", "distserve", "static-sp")
+
+
+def sweep_spec(text: str) -> tuple[str, list[Any]]:
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2,..., got {text!r}")
+    parsed: list[Any] = []
+    for v in values.split(","):
+        try:
+            parsed.append(json.loads(v))
+        except json.JSONDecodeError:
+            parsed.append(v.strip())  # a bare word, e.g. a model preset name
+    return name.strip(), parsed
+
+
+def fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    p = subparsers.add_parser("whatif", help="max sustainable rate, sweeps, fewest GPUs")
+    add_trace_options(p)
+    g = p.add_argument_group("what to find")
+    g.add_argument("--policy", action="append", choices=list(POLICIES), metavar="NAME",
+                   help=f"policy to evaluate, repeatable (default {', '.join(DEFAULT_POLICIES)};"
+                        f" all: {', '.join(POLICIES)})")
+    g.add_argument("--rates", type=comma_list(positive_float), default=[], metavar="R1,R2",
+                   help="also report metrics at these arrival rates (req/s)")
+    g.add_argument("--no-search", action="store_true", help="skip the max sustainable rate")
+    g.add_argument("--at-rate-of", metavar="POLICY",
+                   help="add each policy's metrics at POLICY's max sustainable rate")
+    g.add_argument("--sweep", type=sweep_spec, action="append", default=[],
+                   metavar="FIELD=V1,V2", help="sweep a setting, e.g. prefill_instances=4,6,8 "
+                   "or slo.ttft_scale=2,5,10 (repeatable: cartesian product)")
+    g.add_argument("--min-gpus-for", type=positive_float, metavar="RPS",
+                   help="fewest GPUs (same prefill:decode share) sustaining this rate")
+    g.add_argument("--max-gpus", type=positive_int, default=64, metavar="N",
+                   help="largest cluster --min-gpus-for considers (default %(default)s)")
+    g.add_argument("--target", type=fraction, default=DEFAULT_TARGET,
+                   help="SLO attainment that counts as sustained (default %(default)s)")
+    g.add_argument("--rel-tol", type=positive_float, default=DEFAULT_REL_TOL,
+                   help="relative width at which the rate search stops (default %(default)s)")
+    g.add_argument("--max-evals", type=positive_int, default=DEFAULT_MAX_EVALS,
+                   help="simulations per rate search at most (default %(default)s)")
+    g.add_argument("--start-rate", type=positive_float, metavar="RPS",
+                   help="first rate the search tries (default: the trace's own)")
+    add_config_options(p)
+    g = p.add_argument_group("execution and output")
+    g.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="parallel worker processes (default 1)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="run simulations as Ray tasks on this cluster ('local' starts one)")
+    g.add_argument("--format", choices=("table", "json"), default="table")
+    g.add_argument("--plot-cdf", type=Path, metavar="FILE.png|.svg",
+                   help="TTFT/TBT CDFs per policy at the --at-rate-of rate (or first --rates)")
+    g.add_argument("--plot-attainment", type=Path, metavar="FILE.png|.svg",
+                   help="SLO attainment vs rate per policy (from the searches)")
+    p.set_defaults(handler=run)
+
+
+def _check(args: argparse.Namespace, policies: list[str]) -> None:
+    if args.at_rate_of is not None:
+        if args.at_rate_of not in policies:
+            raise UsageError(f"--at-rate-of: {args.at_rate_of!r} is not among the policies "
+                             f"evaluated ({', '.join(policies)})")
+        if args.no_search:
+            raise UsageError("--at-rate-of needs the max-rate search (drop --no-search)")
+    if args.no_search and not args.rates and args.min_gpus_for is None:
+        raise UsageError("nothing to do: --no-search without --rates or --min-gpus-for")
+    if args.plot_cdf is not None and args.at_rate_of is None and not args.rates:
+        raise UsageError("--plot-cdf needs --at-rate-of or --rates")
+    for path, opt in ((args.plot_cdf, "--plot-cdf"), (args.plot_attainment, "--plot-attainment")):
+        if path is not None and path.suffix.lower() not in (".png", ".svg"):
+            raise UsageError(f"{opt}: must end in .png or .svg, got {path.name!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
+    _check(args, policies)
+    base = config_from_args(args)
+    workload = workload_from_args(args)
+    points = for_option("--sweep", sweep_points, args.sweep)
+    configs = [for_option("--sweep", apply_point, base, point) for point in points]
+    keep = args.plot_cdf is not None and args.at_rate_of is None
+    units = [SearchUnit(policy, config, point, search=not args.no_search,
+                        rates=tuple(args.rates), target=args.target, rel_tol=args.rel_tol,
+                        max_evals=args.max_evals, start_rps=args.start_rate,
+                        keep_records=keep)
+             for point, config in zip(points, configs, strict=True) for policy in policies]
+    tasks: list[Task] = [(run_search_unit, (workload, u)) for u in units]
+    if args.min_gpus_for is not None:
+        candidates = tuple(range(2, args.max_gpus + 1))
+        tasks += [(run_gpu_unit, (workload, GpuUnit(p, base, args.min_gpus_for, candidates,
+                                                     args.target))) for p in policies]
+    results = _execute(tasks, args, "simulating")
+    outcomes: list[SearchOutcome] = [results[i] for i in range(len(units))]
+    if args.at_rate_of is not None:
+        outcomes = _at_rate_of(outcomes, workload, args)
+    out: dict[str, Any] = {
+        "trace": trace_summary(workload),
+        "slo": base.slo.model_dump(mode="json"),
+        "cluster": base.model_dump(mode="json"),
+        "target": args.target,
+    }
+    by_point = [[o for o in outcomes if o.unit.point == point] for point in points]
+    out["policies"] = _policies_json(by_point[0]) if not args.sweep else {}
+    if args.sweep:
+        out["sweep"] = [{"point": point, "policies": _policies_json(group)}
+                        for point, group in zip(points, by_point, strict=True)]
+    if args.min_gpus_for is not None:
+        out["min_gpus"] = {p: results[len(units) + k] for k, p in enumerate(policies)}
+    _plots(args, outcomes)
+    if args.format == "json":
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_table(out)
+    return 0
+
+
+def _execute(tasks: list[Task], args: argparse.Namespace, label: str) -> dict[int, Any]:
+    results: dict[int, Any] = {}
+    with Progress(transient=True, redirect_stdout=False) as progress:
+        bar = progress.add_task(label, total=len(tasks))
+        for index, result in run_parallel(tasks, jobs=args.jobs, ray_address=args.ray_address):
+            results[index] = result
+            progress.update(bar, advance=1)
+    return results
+
+
+def _at_rate_of(outcomes: list[SearchOutcome], workload: Workload,
+                args: argparse.Namespace) -> list[SearchOutcome]:
+    """Phase 2: every policy at the reference policy's max rate (per sweep point)."""
+    reference = {json.dumps(o.unit.point, sort_keys=True): o.capacity for o in outcomes
+                 if o.unit.policy == args.at_rate_of}
+    tasks: list[Task] = []
+    for o in outcomes:
+        cap = reference[json.dumps(o.unit.point, sort_keys=True)]
+        rate = float(cap["max_rate_rps"]) if cap else 0.0
+        if rate <= 0:
+            raise UsageError(f"--at-rate-of: {args.at_rate_of} sustains no rate at "
+                             f"{o.unit.point or 'the base settings'}")
+        unit = SearchUnit(o.unit.policy, o.unit.config, o.unit.point, search=False,
+                          rates=(rate,), keep_records=args.plot_cdf is not None)
+        tasks.append((run_search_unit, (workload, unit)))
+    extra = _execute(tasks, args, f"at {args.at_rate_of}'s max rate")
+    for i, o in enumerate(outcomes):
+        run = extra[i].at_rates[0]
+        run.stats["at_rate_of"] = args.at_rate_of
+        o.at_rates.append(run)
+        o.plans_validated += extra[i].plans_validated
+    return outcomes
+
+
+def _policies_json(outcomes: list[SearchOutcome]) -> dict[str, Any]:
+    out = {}
+    for o in outcomes:
+        rows = []
+        for run in o.at_rates:
+            row = run.row()
+            if "at_rate_of" in run.stats:
+                row["at_rate_of"] = run.stats["at_rate_of"]
+            rows.append(row)
+        out[o.unit.policy] = {
+            "max_sustainable_rate_rps": o.capacity["max_rate_rps"] if o.capacity else None,
+            "search": o.capacity,
+            "at_rates": rows,
+            "plans_validated": o.plans_validated,
+            "architecture": POLICIES[o.unit.policy].architecture,
+        }
+    return out
+
+
+def _plots(args: argparse.Namespace, outcomes: list[SearchOutcome]) -> None:
+    first_point = outcomes[0].unit.point if outcomes else {}
+    mine = [o for o in outcomes if o.unit.point == first_point]
+    if args.plot_attainment is not None:
+        curves = {o.unit.policy: [(r, a) for r, a in o.capacity["evaluations"]]
+                  for o in mine if o.capacity}
+        plot_attainment_vs_rate(curves, args.plot_attainment, target=args.target)
+    if args.plot_cdf is not None:
+        runs = {o.unit.policy: o.at_rates[-1].records or [] for o in mine if o.at_rates}
+        plot_cdfs(runs, args.plot_cdf)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return "-" if value is None else str(value)
+
+
+def print_table(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    trace = out["trace"]
+    console.print(f"[bold]what-if[/] on {trace['name']} ({trace['requests']} requests); "
+                  f"SLO {out['slo']}; target attainment {out['target']}")
+    groups: list[tuple[str, dict[str, Any]]] = []
+    if out.get("sweep"):
+        groups = [(json.dumps(s["point"]), s["policies"]) for s in out["sweep"]]
+    else:
+        groups = [("", out["policies"])]
+    row_key: Callable[[dict[str, Any]], str] = lambda r: (  # noqa: E731
+        f"{r['rate_rps']:.4g}" + (f" (= {r['at_rate_of']} max)" if "at_rate_of" in r else ""))
+    for title, policies in groups:
+        table = Table(title=title or None, header_style="bold")
+        for col in ("policy", "max rate (req/s)", "at rate", "TTFT p50/p90/p99 (s)",
+                    "TBT p50/p99 (s)", "attainment"):
+            table.add_column(col)
+        for name, res in policies.items():
+            table.add_row(name, _fmt(res["max_sustainable_rate_rps"]), "", "", "", "")
+            for r in res["at_rates"]:
+                table.add_row("", "", row_key(r),
+                              "/".join(_fmt(r[k], 3) for k in
+                                       ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")),
+                              "/".join(_fmt(r[k], 3) for k in ("tbt_p50_s", "tbt_p99_s")),
+                              _fmt(r["slo_attainment"], 3))
+        console.print(table)
+    for name, res in (out.get("min_gpus") or {}).items():
+        console.print(f"{name}: fewest GPUs for {res['rate_rps']:g} req/s = {res['gpus']}")

@@ -1,0 +1,193 @@
+"""Simulated decode instances: continuous batching under a KV-memory limit.
+
+Each decode instance runs back-to-back steps; one step gives every sequence it leads one token
+and lasts `cost_model.decode_step_seconds(batch, kv_tokens)` (memory-bound: the weights plus all
+KV it holds are read once). Sequences join at step boundaries (a KV arriving mid-step waits for
+the next step) and leave when their last token is out, freeing their KV.
+
+Memory: a request reserves its final KV (prompt + all output tokens) when dispatched, so a
+running batch never runs out of memory mid-decode (no preemption to model). A request whose KV
+does not fit on one instance is split by the dispatcher (decode SP > 1): every instance holding a
+share counts it in its batch and KV reads, and the lead instance's steps produce its tokens
+(the non-lead instances' partial attention is assumed to overlap with the lead's step).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tetris.evaluation.events import PRIORITY_COMPLETE, EventQueue
+from tetris.evaluation.noise import DurationNoise
+from tetris.evaluation.records import RequestRecord
+from tetris.solver.cost_model import CostModel
+from tetris.solver.dispatch import DecodeLoad, Placement, choose_decode_instances
+
+DECODE_STEP = "decode_step"
+KV_ARRIVE = "kv_arrive"
+
+
+@dataclass(slots=True, eq=False)  # identity: list.remove must find this very sequence
+class _Seq:
+    record: RequestRecord
+    remaining: int
+    placement: Placement
+
+
+@dataclass(slots=True)
+class _Instance:
+    active: list[_Seq] = field(default_factory=list)
+    incoming: list[_Seq] = field(default_factory=list)
+    kv_tokens: int = 0
+    reserved: int = 0
+    stepping: bool = False
+    busy_s: float = 0.0
+
+
+class DecodePool:
+    """The decode side of a disaggregated cluster. Its events (`DECODE_STEP`, `KV_ARRIVE`)
+    go on the simulator's queue; the simulator hands them back through `handle`."""
+
+    def __init__(
+        self,
+        cost_model: CostModel,
+        num_instances: int,
+        events: EventQueue,
+        noise: DurationNoise,
+        *,
+        max_batch: int = 256,
+        max_sp: int | None = None,
+        kv_cross_node: bool = True,
+    ) -> None:
+        if num_instances <= 0:
+            raise ValueError(f"need at least one decode instance, got {num_instances}")
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {max_batch}")
+        self.cost_model = cost_model
+        self.capacity = cost_model.kv_capacity_tokens
+        self.instances = [_Instance() for _ in range(num_instances)]
+        self.events = events
+        self.noise = noise
+        self.max_batch = max_batch
+        self.max_sp = num_instances if max_sp is None else max_sp
+        self.kv_cross_node = kv_cross_node
+        self.waiting: deque[RequestRecord] = deque()
+        self.steps = 0
+        self.tokens = 0
+        self.max_waiting = 0
+
+    def fits_at_all(self, record: RequestRecord) -> bool:
+        need = record.request.prompt_tokens + record.request.output_tokens
+        return need <= self.capacity * min(self.max_sp, len(self.instances))
+
+    def submit(self, record: RequestRecord, now: float) -> None:
+        """The request's first token is out (its prefill ended at `now`): move its KV here."""
+        if record.finished:
+            return  # a one-token answer never decodes
+        if not self.fits_at_all(record):
+            raise ValueError(
+                f"request {record.request_id!r}: its KV ({record.request.prompt_tokens} + "
+                f"{record.request.output_tokens} tokens) exceeds the memory of "
+                f"{min(self.max_sp, len(self.instances))} decode instance(s) "
+                f"({self.capacity} tokens each)"
+            )
+        self.waiting.append(record)
+        self.max_waiting = max(self.max_waiting, len(self.waiting))
+        self._dispatch(now)
+
+    def _dispatch(self, now: float) -> None:
+        # FIFO: a large request at the head is not overtaken forever by small ones.
+        while self.waiting:
+            record = self.waiting[0]
+            request = record.request
+            loads = [DecodeLoad(i.reserved, len(i.active) + len(i.incoming))
+                     for i in self.instances]
+            need = request.prompt_tokens + request.output_tokens
+            placement = choose_decode_instances(
+                loads, need, self.capacity, self.max_batch, self.max_sp
+            )
+            if placement is None:
+                return
+            self.waiting.popleft()
+            for g, share in zip(placement.instances, placement.shares, strict=True):
+                self.instances[g].reserved += share
+            record.decode_instances = placement.instances
+            transfer = self.cost_model.kv_transfer_seconds(
+                request.prompt_tokens, cross_node=self.kv_cross_node
+            )
+            record.kv_transfer_s = transfer
+            seq = _Seq(record, request.output_tokens - len(record.token_times), placement)
+            self.events.push(now + transfer, PRIORITY_COMPLETE, KV_ARRIVE, seq)
+
+    def handle(self, kind: str, payload: object, now: float) -> None:
+        if kind == KV_ARRIVE:
+            assert isinstance(payload, _Seq)
+            self._arrive(payload, now)
+        else:
+            assert isinstance(payload, int)
+            self._step_end(payload, now)
+
+    def _arrive(self, seq: _Seq, now: float) -> None:
+        prompt = seq.record.request.prompt_tokens
+        for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
+            inst = self.instances[g]
+            inst.incoming.append(seq)
+            # The KV read by each step is the prompt share now, growing by one per token.
+            inst.kv_tokens += share * prompt // max(1, seq.record.request.prompt_tokens +
+                                                    seq.record.request.output_tokens)
+            if not inst.stepping:
+                self._start_step(g, now)
+
+    def _start_step(self, g: int, now: float) -> None:
+        inst = self.instances[g]
+        if inst.incoming:
+            inst.active.extend(inst.incoming)
+            inst.incoming.clear()
+        if not inst.active:
+            inst.stepping = False
+            return
+        inst.stepping = True
+        seconds = self.noise.apply(
+            self.cost_model.decode_step_seconds(len(inst.active), inst.kv_tokens)
+        )
+        inst.busy_s += seconds
+        self.events.push(now + seconds, PRIORITY_COMPLETE, DECODE_STEP, g)
+
+    def _step_end(self, g: int, now: float) -> None:
+        inst = self.instances[g]
+        self.steps += 1
+        finished: list[_Seq] = []
+        for seq in inst.active:
+            if seq.placement.instances[0] != g:
+                continue
+            seq.record.token_times.append(now)
+            seq.remaining -= 1
+            inst.kv_tokens += 1
+            self.tokens += 1
+            if seq.remaining == 0:
+                finished.append(seq)
+        for seq in finished:
+            self._release(seq, g)
+        if finished:
+            self._dispatch(now)
+        self._start_step(g, now)
+
+    def _release(self, seq: _Seq, lead: int) -> None:
+        request = seq.record.request
+        total = request.prompt_tokens + request.output_tokens
+        for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
+            inst = self.instances[g]
+            if seq in inst.active:
+                inst.active.remove(seq)
+            else:  # a non-lead instance that has not stepped since the KV arrived
+                inst.incoming.remove(seq)
+            inst.reserved -= share
+            inst.kv_tokens -= share * request.prompt_tokens // max(1, total)
+            if g == lead:
+                inst.kv_tokens -= request.output_tokens - 1
+            # A non-lead instance may now have nothing left to step: it stops at its step end.
+
+    def idle(self) -> bool:
+        return not self.waiting and all(
+            not i.active and not i.incoming for i in self.instances
+        )

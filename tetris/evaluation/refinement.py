@@ -1,0 +1,145 @@
+"""CP-SAT refinement off the decision path: greedy decides now, CP-SAT improves what is left.
+
+At a decision the greedy plan is launched at once. Then CP-SAT (warm-started from greedy) plans
+the state as it stands after those launches — every request still waiting — "in the
+background": its result becomes usable only `w` later (its time limit, or its measured wall
+time), and only while nothing it assumed has changed (no arrival, no launch since: the
+simulator's `version`). At the next decision the refined plan is re-timed against the instances'
+actual availability (chunks keep their tokens and groups, in the refined plan's start order),
+validated, and launched instead of greedy's plan when its exact objective is lower.
+
+Why not refine before launching: charging CP-SAT's tens of milliseconds to every decision under
+load delays every launch, and the queue pays more than the better plan gains (measured: see
+docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tetris.solver.api import solve
+from tetris.solver.cp_sat import CpOptions
+from tetris.solver.objective import total_objective
+from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.problem import PendingRequest, Problem
+from tetris.solver.validator import validate_plans
+
+Progress = tuple[int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class LaunchedChunk:
+    request_id: str
+    start_token: int
+    end_token: int
+    instances: tuple[int, ...]
+    start_s: float
+    end_s: float  # planned
+
+
+def problem_after(problem: Problem, launched: Sequence[LaunchedChunk], now_s: float) -> Problem:
+    """The planning problem once `launched` chunks are running."""
+    availability = list(problem.availability_s)
+    progressed: dict[str, LaunchedChunk] = {}
+    for c in launched:
+        for g in c.instances:
+            availability[g] = max(availability[g], c.end_s)
+        progressed[c.request_id] = c
+    requests = []
+    for r in problem.requests:
+        ran = progressed.get(r.request_id)
+        if ran is None:
+            requests.append(r)
+        elif ran.end_token < r.prompt_tokens:
+            requests.append(replace(r, prefilled_tokens=ran.end_token,
+                                    kv_instances=ran.instances, ready_s=ran.end_s))
+    return replace(problem, availability_s=tuple(availability), requests=tuple(requests),
+                   now_s=now_s)
+
+
+def _progress(r: PendingRequest) -> Progress:
+    return r.prefilled_tokens, tuple(sorted(r.kv_instances))
+
+
+@dataclass
+class _Refined:
+    version: int
+    ready_s: float
+    plans: dict[str, RequestPlan]
+    progress: dict[str, Progress]
+
+
+@dataclass
+class BackgroundRefiner:
+    time_limit_ms: float
+    charge_measured: bool
+    min_waiting: int = 2
+    cp_options: CpOptions | None = None
+    _refined: _Refined | None = None
+
+    def busy(self, now_s: float) -> bool:
+        return self._refined is not None and self._refined.ready_s > now_s
+
+    def start(self, problem: Problem, version: int) -> bool:
+        """Refine `problem` (the state after this decision's launches); False if not worth it:
+        fewer than `min_waiting` requests wait to start, or a refinement is still running."""
+        if self.busy(problem.now_s):
+            return False
+        waiting = sum(1 for r in problem.requests if r.prefilled_tokens == 0)
+        if waiting < self.min_waiting:
+            return False
+        started = time.perf_counter()
+        result = solve(problem, "cp", self.time_limit_ms, cp_options=self.cp_options)
+        wall_s = time.perf_counter() - started
+        if not result.status.has_plans:
+            self._refined = None
+            return False
+        took = wall_s if self.charge_measured else self.time_limit_ms / 1e3
+        self._refined = _Refined(
+            version, problem.now_s + took, {p.request_id: p for p in result.plans},
+            {r.request_id: _progress(r) for r in problem.requests},
+        )
+        return True
+
+    def take(self, problem: Problem, version: int, greedy_objective: float | None
+             ) -> list[RequestPlan] | None:
+        """The refined plan re-timed for `problem`, if it is ready, still describes the state,
+        passes the validator and beats greedy's objective; else None. Used at most once."""
+        refined = self._refined
+        if refined is None or refined.version != version or refined.ready_s > problem.now_s:
+            return None
+        self._refined = None
+        for r in problem.requests:
+            if refined.progress.get(r.request_id) != _progress(r):
+                return None  # a request it never saw, or one that moved on
+        plans = retime(problem, [refined.plans[r.request_id] for r in problem.requests])
+        if validate_plans(problem, plans):
+            return None
+        if greedy_objective is not None and \
+                total_objective(problem, plans) >= greedy_objective - 1e-12:
+            return None
+        return plans
+
+
+def retime(problem: Problem, plans: Sequence[RequestPlan]) -> list[RequestPlan]:
+    """Same chunks (tokens, groups), placed in their old start order as early as the problem
+    allows: each after its request's previous chunk, its release, and its instances' free time."""
+    cm = problem.cost_model
+    free = [problem.free_at(g) for g in range(problem.num_instances)]
+    order = sorted(((c.start_s, i, k) for i, p in enumerate(plans)
+                    for k, c in enumerate(p.chunks)))
+    new: list[list[ChunkPlan]] = [[] for _ in plans]
+    for _, i, k in order:
+        c = plans[i].chunks[k]
+        r = problem.requests[problem.index_of[plans[i].request_id]]
+        t = max(problem.now_s, r.earliest_start_s, *(free[g] for g in c.instances))
+        if k:
+            t = max(t, new[i][-1].end_s)
+        end = t + cm.chunk_seconds_on(c.tokens, c.start_token, c.instances)
+        for g in c.instances:
+            free[g] = end
+        new[i].append(ChunkPlan(c.start_token, c.end_token, c.instances, t, end))
+    return [RequestPlan(p.request_id, tuple(chunks)) for p, chunks in zip(plans, new,
+                                                                           strict=True)]

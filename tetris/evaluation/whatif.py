@@ -1,0 +1,227 @@
+"""SLO what-if analysis: max sustainable rate per policy, metrics at chosen rates, sweeps over
+any setting, and the fewest GPUs that sustain a rate.
+
+Work is cut into independent units — one (policy, sweep point) search, or one (policy, rate)
+run — that run in parallel processes (`jobs`) or as Ray tasks (`ray_address`); every unit is a
+plain function of picklable arguments, so both back-ends run the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+from tetris.evaluation.capacity import fewest_instances, find_max_rate
+from tetris.evaluation.metrics import compute_metrics
+from tetris.evaluation.policies import run_policy
+from tetris.evaluation.records import RequestRecord
+from tetris.evaluation.sim_config import SimConfig
+from tetris.evaluation.workload import Workload
+from tetris.solver.request import SloSpec
+
+DEFAULT_TARGET = 0.9
+DEFAULT_REL_TOL = 0.03
+DEFAULT_MAX_EVALS = 14
+AT_RATE_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s",
+                "slo_attainment")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    rate_rps: float
+    metrics: dict[str, Any]
+    stats: dict[str, Any]
+    records: list[RequestRecord] | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The whatif JSON row: the contract's keys first, then every other metric."""
+        row: dict[str, Any] = {"rate_rps": self.rate_rps}
+        row.update({k: self.metrics.get(k) for k in AT_RATE_KEYS})
+        row.update({k: v for k, v in self.metrics.items() if k not in row})
+        row["plans_validated"] = self.stats.get("plans_validated")
+        return row
+
+
+def simulate_at_rate(workload: Workload, policy: str, config: SimConfig, rate_rps: float | None,
+                     *, keep_records: bool = False) -> RunResult:
+    """One simulation of `workload` time-scaled to `rate_rps` (None: as recorded)."""
+    scaled = workload if rate_rps is None else workload.scaled_to_rate(rate_rps)
+    requests = config.sim_requests(scaled.requests)
+    outcome = run_policy(policy, requests, config)
+    metrics = compute_metrics(outcome.records, tbt_criterion=config.tbt_criterion).to_dict()
+    return RunResult(scaled.mean_rate_rps if rate_rps is None else rate_rps, metrics,
+                     dict(outcome.stats), outcome.records if keep_records else None)
+
+
+@dataclass(frozen=True)
+class SearchUnit:
+    """Max sustainable rate of one policy under one config, plus runs at fixed rates."""
+
+    policy: str
+    config: SimConfig
+    point: dict[str, Any] = field(default_factory=dict)
+    search: bool = True
+    rates: tuple[float, ...] = ()
+    target: float = DEFAULT_TARGET
+    rel_tol: float = DEFAULT_REL_TOL
+    max_evals: int = DEFAULT_MAX_EVALS
+    start_rps: float | None = None
+    keep_records: bool = False
+
+
+@dataclass
+class SearchOutcome:
+    unit: SearchUnit
+    capacity: dict[str, Any] | None
+    at_rates: list[RunResult]
+    plans_validated: int
+
+
+def run_search_unit(workload: Workload, unit: SearchUnit) -> SearchOutcome:
+    validated = 0
+    capacity = None
+    if unit.search:
+        def attainment(rate: float) -> float:
+            nonlocal validated
+            result = simulate_at_rate(workload, unit.policy, unit.config, rate)
+            validated += int(result.stats.get("plans_validated", 0))
+            value = result.metrics.get("slo_attainment")
+            return 0.0 if value is None else float(value)
+
+        found = find_max_rate(attainment, start_rps=unit.start_rps or workload.mean_rate_rps,
+                              target=unit.target, rel_tol=unit.rel_tol,
+                              max_evals=unit.max_evals)
+        capacity = found.to_dict()
+    at_rates = []
+    for rate in unit.rates:
+        result = simulate_at_rate(workload, unit.policy, unit.config, rate,
+                                  keep_records=unit.keep_records)
+        validated += int(result.stats.get("plans_validated", 0))
+        at_rates.append(result)
+    return SearchOutcome(unit, capacity, at_rates, validated)
+
+
+@dataclass(frozen=True)
+class GpuUnit:
+    """Fewest GPUs (same prefill:decode proportion) with which `policy` sustains `rate_rps`."""
+
+    policy: str
+    config: SimConfig
+    rate_rps: float
+    candidates: tuple[int, ...]
+    target: float = DEFAULT_TARGET
+
+
+def split_gpus(config: SimConfig, total: int) -> SimConfig:
+    """`config` resized to `total` GPUs, keeping its prefill share (each pool at least 1)."""
+    if total < 2:
+        raise ValueError(f"a disaggregated cluster needs at least 2 GPUs, got {total}")
+    prefill = round(total * config.prefill_instances / config.total_gpus)
+    prefill = min(total - 1, max(1, prefill))
+    update = {"prefill_instances": prefill, "decode_instances": total - prefill,
+              "static_sp": min(config.static_sp, prefill),
+              "distserve_group": min(config.distserve_group, prefill)}
+    return SimConfig.model_validate(config.model_dump() | update)
+
+
+def run_gpu_unit(workload: Workload, unit: GpuUnit) -> dict[str, Any]:
+    def attainment(total: int) -> float:
+        config = split_gpus(unit.config, total)
+        value = simulate_at_rate(workload, unit.policy, config, unit.rate_rps).metrics.get(
+            "slo_attainment")
+        return 0.0 if value is None else float(value)
+
+    best, evaluations = fewest_instances(attainment, candidates=unit.candidates,
+                                         target=unit.target)
+    out: dict[str, Any] = {"rate_rps": unit.rate_rps, "gpus": best,
+                           "evaluations": [[n, a] for n, a in evaluations]}
+    if best is not None:
+        sized = split_gpus(unit.config, best)
+        out.update(prefill_instances=sized.prefill_instances,
+                   decode_instances=sized.decode_instances)
+    return out
+
+
+def sweep_points(sweeps: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, Any]]:
+    """The cartesian product of `(field, values)` sweeps, as config updates."""
+    if not sweeps:
+        return [{}]
+    names = [name for name, _ in sweeps]
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(vals for _, vals in sweeps))]
+
+
+def apply_point(config: SimConfig, point: dict[str, Any]) -> SimConfig:
+    unknown = [k for k in point if k.split(".")[0] not in SimConfig.model_fields
+               or (k.startswith("slo.") and k[4:] not in SloSpec.model_fields)]
+    if unknown:
+        raise ValueError(f"cannot sweep unknown setting(s) {', '.join(unknown)}: use one of "
+                         f"{', '.join(SimConfig.model_fields)}")
+    data = config.model_dump()
+    for key, value in point.items():
+        if key.startswith("slo."):
+            slo = dict(data["slo"], **{key[4:]: value})
+            if key == "slo.ttft_scale":
+                slo["ttft_s"] = None  # the two TTFT forms exclude each other
+            elif key == "slo.ttft_s":
+                slo["ttft_scale"] = None
+            data["slo"] = slo
+        else:
+            data[key] = value
+    return SimConfig.model_validate(data)
+
+
+# -- execution back-ends -------------------------------------------------------------------------
+Task = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*args)
+
+
+def run_parallel(tasks: Sequence[Task], *, jobs: int = 1, ray_address: str | None = None
+                 ) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each task as it completes: in this process (jobs 1), in `jobs`
+    spawned processes, or as Ray tasks on the cluster at `ray_address`."""
+    if ray_address is not None:
+        yield from _run_ray(tasks, ray_address)
+        return
+    if jobs <= 1 or len(tasks) <= 1:
+        for i, (fn, args) in enumerate(tasks):
+            yield i, fn(*args)
+        return
+    # spawn, not fork: OR-Tools and numpy threads do not survive a fork reliably.
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)),
+                             mp_context=get_context("spawn")) as pool:
+        futures: dict[Future[Any], int] = {pool.submit(_call, fn, args): i
+                                           for i, (fn, args) in enumerate(tasks)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield futures[fut], fut.result()
+
+
+def _run_ray(tasks: Sequence[Task], address: str) -> Iterator[tuple[int, Any]]:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray-address needs Ray: pip install 'ray[default]'") from None
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if address == "local":
+            ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+        else:
+            ray.init(address=address)
+    remote = ray.remote(num_cpus=1)(_call)
+    refs = {remote.remote(fn, args): i for i, (fn, args) in enumerate(tasks)}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            yield refs[ref], ray.get(ref)

@@ -1,0 +1,553 @@
+"""Workloads for the simulator: timed requests from real traces or synthetic generators.
+
+A `Workload` is an immutable, arrival-sorted tuple of `TraceRequest`s whose first arrival is at
+0 s, plus `notes`: a human-readable record of everything done to the source (bucket spreading,
+re-basing, time scaling, truncation), so results can say exactly what they were run on.
+
+`load_workload(spec)` turns one string into a workload. The grammar:
+
+    spec        := "mooncake:" PATH          Mooncake FAST'25 JSONL (arrivals in ms)
+                 | "azure:" PATH             Azure LLM inference CSV (TIMESTAMP,ContextTokens,...)
+                 | "synthetic:" KV ("," KV)*
+                 | PATH                      .jsonl -> mooncake; .csv with the Azure header -> azure
+    KV          := KEY "=" VALUE
+        n=INT                   number of requests (required)
+        rate=FLOAT              arrival rate in req/s (required)
+        arrival=poisson|gamma|constant   (default poisson)
+        cv=FLOAT                gamma only: coefficient of variation of the gaps (default 1)
+        prompt=LENGTH           prompt-length distribution      } both, or `paired`
+        output=LENGTH           output-length distribution      }
+        paired=SOURCE           sample (prompt, output) rows jointly from a file (keeps correlation)
+        seed=INT                default: the `seed` argument of load_workload
+    LENGTH      := "fixed(" INT ")"
+                 | "uniform(lo=INT;hi=INT)"                       integers in [lo, hi]
+                 | "zipf(a=FLOAT[;min=INT];max=INT)"              P(k) ∝ k^-a on [min, max]
+                 | "lognormal(median=FLOAT;sigma=FLOAT[;min=INT][;max=INT])"
+                                              rounded, truncated to [min, max] (default min 1)
+                 | "empirical(" PATH [";column=NAME"] ")"         resampled column of a file
+                                              (default: the prompt or output column by role)
+    SOURCE      := PATH | "empirical(" PATH [";prompt_column=NAME"][";output_column=NAME"] ")"
+
+Inside parentheses, arguments are separated by ";" or ","; the top-level split on "," ignores
+commas inside parentheses. A PATH inside a synthetic spec may therefore contain neither
+parentheses nor ";"/",". An empirical PATH may be a length CSV (vidur; default columns
+num_prefill_tokens / num_decode_tokens), an Azure CSV (ContextTokens / GeneratedTokens) or a
+Mooncake JSONL (input_length / output_length). Every parse error is a `WorkloadSpecError` that
+quotes the offending part.
+
+Arrival times start at 0; the realised mean rate of a synthetic workload differs from `rate` by
+sampling noise (`Workload.scaled_to_rate` makes it exact). Names (kinds, keys, distributions,
+arrival processes) are case-insensitive; paths and column names are not.
+
+Example: "synthetic:n=1000,rate=2,arrival=gamma,cv=2,prompt=lognormal(median=8000;sigma=1;
+min=128;max=131072),output=uniform(lo=100;hi=500),seed=3".
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from tetris.evaluation.synthetic import LengthDistribution
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request as a trace gives it: when it arrives and how many tokens in and out."""
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in the loaders, because synthetic and hand-built workloads
+        # feed the simulator too, and a zero-length request silently breaks its token math.
+        if not math.isfinite(self.arrival_s):
+            raise ValueError(f"request {self.request_id}: arrival_s must be finite, "
+                             f"got {self.arrival_s}")
+        for name in ("prompt_tokens", "output_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"request {self.request_id}: {name} must be an int > 0, "
+                                 f"got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class LengthSamples:
+    """Empirical (prompt, output) token-count pairs, row-aligned; e.g. the vidur arXiv file.
+
+    The arrays are made read-only: samples are shared between workloads and must not drift.
+    """
+
+    prompt: IntArray
+    output: IntArray
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.prompt.shape != self.output.shape or self.prompt.ndim != 1:
+            raise ValueError(f"{self.source}: prompt and output must be 1-D arrays of one "
+                             f"length, got shapes {self.prompt.shape} and {self.output.shape}")
+        if len(self.prompt) == 0:
+            raise ValueError(f"{self.source}: no length samples")
+        if int(self.prompt.min()) <= 0 or int(self.output.min()) <= 0:
+            raise ValueError(f"{self.source}: token counts must be > 0")
+        self.prompt.flags.writeable = False
+        self.output.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def from_workload(cls, workload: Workload) -> LengthSamples:
+        """The (prompt, output) pairs of a trace, without its arrival times."""
+        prompt = np.fromiter((r.prompt_tokens for r in workload.requests), np.int64,
+                             len(workload.requests))
+        output = np.fromiter((r.output_tokens for r in workload.requests), np.int64,
+                             len(workload.requests))
+        return cls(prompt, output, workload.name)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests sorted by arrival (stable), first arrival at 0 s; `notes` say how they were made.
+
+    Build one with `Workload.from_requests`, which sorts and re-bases; the constructor only
+    checks those invariants (so a hand-made workload cannot be silently shifted).
+    """
+
+    name: str
+    requests: tuple[TraceRequest, ...]
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        requests = self.requests
+        if requests and requests[0].arrival_s != 0.0:
+            raise ValueError(f"workload {self.name}: first arrival must be 0 s, got "
+                             f"{requests[0].arrival_s} (use Workload.from_requests to re-base)")
+        for previous, current in itertools.pairwise(requests):
+            if current.arrival_s < previous.arrival_s:
+                raise ValueError(f"workload {self.name}: request {current.request_id} arrives "
+                                 f"before {previous.request_id} (use Workload.from_requests)")
+        if len({r.request_id for r in requests}) != len(requests):
+            raise ValueError(f"workload {self.name}: request ids are not unique")
+
+    @classmethod
+    def from_requests(cls, name: str, requests: Iterable[TraceRequest],
+                      notes: Sequence[str] = ()) -> Workload:
+        """Sort stably by arrival and shift so the first arrival is 0; a shift is noted."""
+        ordered = sorted(requests, key=lambda r: r.arrival_s)
+        all_notes = list(notes)
+        if ordered and ordered[0].arrival_s != 0.0:
+            shift = ordered[0].arrival_s
+            ordered = [_at(r, r.arrival_s - shift) for r in ordered]
+            all_notes.append(f"re-based: arrivals shifted by {-shift:+.6g} s so the first is at 0")
+        return cls(name, tuple(ordered), tuple(all_notes))
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def duration_s(self) -> float:
+        """Last arrival minus first arrival (0 for fewer than 2 requests)."""
+        if not self.requests:
+            return 0.0
+        return self.requests[-1].arrival_s - self.requests[0].arrival_s
+
+    @property
+    def mean_rate_rps(self) -> float:
+        """Requests divided by duration (the traces README's definition).
+
+        Raises ValueError for fewer than 2 requests or zero duration: there is no rate, and an
+        `inf` would flow silently into scaling factors.
+        """
+        duration = self.duration_s
+        if len(self.requests) < 2 or duration <= 0.0:
+            raise ValueError(f"workload {self.name}: mean rate undefined for "
+                             f"{len(self.requests)} requests over {duration} s")
+        return len(self.requests) / duration
+
+    def arrivals(self) -> FloatArray:
+        """Arrival times as a float64 array (a copy)."""
+        return np.fromiter((r.arrival_s for r in self.requests), np.float64, len(self.requests))
+
+    def summary(self) -> dict[str, float]:
+        """Counts, span, rate and token statistics (numpy's default percentiles)."""
+        out: dict[str, float] = {"requests": float(len(self.requests)),
+                                 "duration_s": self.duration_s}
+        if len(self.requests) >= 2 and self.duration_s > 0:
+            out["mean_rate_rps"] = self.mean_rate_rps
+        if self.requests:
+            lengths = LengthSamples.from_workload(self)
+            for label, values in (("prompt", lengths.prompt), ("output", lengths.output)):
+                out[f"{label}_mean"] = float(values.mean())
+                for q in (50, 90, 99):
+                    out[f"{label}_p{q}"] = float(np.percentile(values, q))
+                out[f"{label}_max"] = float(values.max())
+        return out
+
+    def _derived(self, requests: Iterable[TraceRequest], note: str) -> Workload:
+        return Workload(self.name, tuple(requests), (*self.notes, note))
+
+    def scaled_to_rate(self, rate_rps: float) -> Workload:
+        """Stretch or compress time so the mean rate is `rate_rps` (order and lengths kept)."""
+        if not (math.isfinite(rate_rps) and rate_rps > 0):
+            raise ValueError(f"rate_rps must be a finite number > 0, got {rate_rps}")
+        current = self.mean_rate_rps
+        factor = current / rate_rps
+        return self._derived((_at(r, r.arrival_s * factor) for r in self.requests),
+                             f"time-scaled ×{factor:.6g} to {rate_rps:g} req/s "
+                             f"(was {current:.6g} req/s)")
+
+    def time_scaled(self, factor: float) -> Workload:
+        """Multiply every arrival time by `factor` (> 1 slows the workload down)."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"time-scaling factor must be a finite number > 0, got {factor}")
+        return self._derived((_at(r, r.arrival_s * factor) for r in self.requests),
+                             f"time-scaled ×{factor:.6g}")
+
+    def head(self, n: int) -> Workload:
+        """The first `n` requests (by arrival); the workload itself when it has no more."""
+        if n < 0:
+            raise ValueError(f"head: n must be >= 0, got {n}")
+        if n >= len(self.requests):
+            return self
+        return self._derived(self.requests[:n],
+                             f"truncated to the first {n} of {len(self.requests)} requests")
+
+    def window(self, start_s: float, end_s: float) -> Workload:
+        """Requests arriving in [start_s, end_s), re-based so the first of them is at 0."""
+        if not (math.isfinite(start_s) and math.isfinite(end_s)) or end_s < start_s:
+            raise ValueError(f"window: need finite start_s <= end_s, got [{start_s}, {end_s})")
+        kept = [r for r in self.requests if start_s <= r.arrival_s < end_s]
+        shift = kept[0].arrival_s if kept else 0.0
+        return self._derived((_at(r, r.arrival_s - shift) for r in kept),
+                             f"window [{start_s:g}, {end_s:g}) s: {len(kept)} of "
+                             f"{len(self.requests)} requests, re-based by {-shift:+.6g} s")
+
+
+def _at(request: TraceRequest, arrival_s: float) -> TraceRequest:
+    # Direct construction instead of dataclasses.replace: replace() goes through
+    # fields() and is measurably slower on 10^4-request traces.
+    return TraceRequest(request.request_id, arrival_s, request.prompt_tokens,
+                        request.output_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# The spec-string dispatcher.
+
+
+class WorkloadSpecError(ValueError):
+    """A workload spec string that does not parse; the message quotes the offending part."""
+
+
+_SYNTHETIC_KEYS = ("n", "rate", "arrival", "cv", "prompt", "output", "paired", "seed")
+
+
+def load_workload(spec: str, *, seed: int = 0, spread_buckets: bool = True) -> Workload:
+    """Load a trace or generate a synthetic workload from a spec string (grammar: module doc).
+
+    `seed` drives Mooncake bucket spreading and synthetic sampling (a `seed=` key in a
+    synthetic spec wins); `spread_buckets` applies to Mooncake traces only.
+    """
+    # Imported here: both modules build Workloads, so importing them at module level would be
+    # circular.
+    from tetris.evaluation.trace_formats import load_azure, load_mooncake
+
+    kind, sep, rest = spec.partition(":")
+    kind = kind.lower()
+    if sep and kind == "mooncake":
+        return load_mooncake(_existing(rest, spec), spread_buckets=spread_buckets, seed=seed)
+    if sep and kind == "azure":
+        return load_azure(_existing(rest, spec))
+    if sep and kind == "synthetic":
+        return _synthetic_from_spec(rest, spec, seed)
+    path = Path(spec)
+    if not path.exists():
+        if sep and "/" not in kind and "\\" not in kind:
+            raise WorkloadSpecError(f"workload spec {spec!r}: unknown kind {kind!r} (use "
+                                    "mooncake:PATH, azure:PATH, synthetic:KEY=VAL,... or a path)")
+        raise FileNotFoundError(f"workload spec {spec!r}: no such file")
+    return _load_by_content(path, spec, seed=seed, spread_buckets=spread_buckets)
+
+
+def _existing(text: str, spec: str) -> Path:
+    if not text:
+        raise WorkloadSpecError(f"workload spec {spec!r}: missing PATH after the colon")
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"workload spec {spec!r}: no such file {text!r}")
+    return path
+
+
+def _is_azure_csv(path: Path) -> bool:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = handle.readline().strip()
+    return [c.strip() for c in header.split(",")][:3] == ["TIMESTAMP", "ContextTokens",
+                                                          "GeneratedTokens"]
+
+
+def _load_by_content(path: Path, spec: str, *, seed: int, spread_buckets: bool) -> Workload:
+    from tetris.evaluation.trace_formats import load_azure, load_mooncake
+
+    if path.suffix == ".jsonl":
+        return load_mooncake(path, spread_buckets=spread_buckets, seed=seed)
+    if path.suffix == ".csv":
+        if _is_azure_csv(path):
+            return load_azure(path)
+        raise WorkloadSpecError(
+            f"workload spec {spec!r}: this CSV has no Azure header (TIMESTAMP,ContextTokens,"
+            f"GeneratedTokens); a lengths-only file needs arrivals: "
+            f"synthetic:n=...,rate=...,paired={spec}")
+    raise WorkloadSpecError(f"workload spec {spec!r}: cannot tell the format from the suffix "
+                            f"{path.suffix!r}; write mooncake:PATH or azure:PATH")
+
+
+def _load_samples(path_text: str, part: str, prompt_column: str | None = None,
+                  output_column: str | None = None) -> LengthSamples:
+    """(prompt, output) pairs of any supported file, by content (see the module doc)."""
+    from tetris.evaluation.trace_formats import load_lengths, load_mooncake
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{part!r}: no such file {path_text!r}")
+    if path.suffix == ".jsonl":
+        if prompt_column not in (None, "input_length") or output_column not in (
+                None, "output_length"):
+            raise WorkloadSpecError(f"{part!r}: a Mooncake JSONL has only the length fields "
+                                    "input_length and output_length")
+        return LengthSamples.from_workload(load_mooncake(path, spread_buckets=False))
+    if _is_azure_csv(path):
+        prompt_default, output_default = "ContextTokens", "GeneratedTokens"
+    else:
+        prompt_default, output_default = "num_prefill_tokens", "num_decode_tokens"
+    return load_lengths(path, prompt_column or prompt_default, output_column or output_default)
+
+
+def _load_one_column(path_text: str, part: str, role: str, column: str | None) -> IntArray:
+    from tetris.evaluation.trace_formats import load_column
+
+    path = Path(path_text)
+    if column is None or path.suffix == ".jsonl":
+        # The role picks the column: a prompt distribution reads the prompt column.
+        samples = (_load_samples(path_text, part, prompt_column=column) if role == "prompt"
+                   else _load_samples(path_text, part, output_column=column))
+        return samples.prompt if role == "prompt" else samples.output
+    if not path.is_file():
+        raise FileNotFoundError(f"{part!r}: no such file {path_text!r}")
+    return load_column(path, column)
+
+
+def split_top_level(text: str, separators: str = ",") -> list[str]:
+    """Split on `separators` outside parentheses (so `lognormal(a,b)` stays one part)."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise WorkloadSpecError(f"unbalanced ')' in {text!r}")
+        if char in separators and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise WorkloadSpecError(f"unbalanced '(' in {text!r}")
+    parts.append("".join(current))
+    return parts
+
+
+def parse_call(text: str) -> tuple[str, list[str]]:
+    """`name(arg;arg,...)` -> (name, args); args split on ';' or ','."""
+    text = text.strip()
+    open_at = text.find("(")
+    if open_at <= 0 or not text.endswith(")"):
+        raise WorkloadSpecError(f"{text!r}: expected NAME(ARGS), e.g. uniform(lo=1;hi=10)")
+    name = text[:open_at].strip().lower()
+    body = text[open_at + 1:-1]
+    args = [a.strip() for a in split_top_level(body, ",;")] if body.strip() else []
+    if any(not a for a in args):
+        raise WorkloadSpecError(f"{text!r}: empty argument")
+    return name, args
+
+
+def parse_int(text: str, what: str) -> int:
+    """An int, also written as an integral float ('1e3'); errors name `what`."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise WorkloadSpecError(f"{what}: {text!r} is not an integer") from None
+    if not value.is_integer():
+        raise WorkloadSpecError(f"{what}: {text!r} is not an integer")
+    return int(value)
+
+
+def parse_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise WorkloadSpecError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise WorkloadSpecError(f"{what}: {text!r} is not finite")
+    return value
+
+
+def parse_length(text: str, role: str = "prompt") -> LengthDistribution:
+    """One LENGTH of the grammar in the module doc; `role` ("prompt" or "output") picks the
+    default column of `empirical(PATH)`."""
+    from tetris.evaluation.synthetic import Empirical, Fixed, LogNormal, Uniform, Zipf
+
+    name, args = parse_call(text)
+    if name == "fixed":
+        if len(args) != 1:
+            raise WorkloadSpecError(f"{text!r}: fixed takes one integer, e.g. fixed(512)")
+        value = parse_int(args[0], text)
+        return _built(text, lambda: Fixed(value))
+    if name == "empirical":
+        if not args or "=" in args[0]:
+            raise WorkloadSpecError(f"{text!r}: empirical needs a PATH first, "
+                                    "e.g. empirical(lengths.csv;column=num_prefill_tokens)")
+        column = _keyed(args[1:], text, ("column",)).get("column")
+        values = _load_one_column(args[0], text, role, column)
+        return _built(text, lambda: Empirical(values, text))
+    if name not in _LENGTH_KEYS:
+        raise WorkloadSpecError(f"{text!r}: unknown length distribution {name!r} (use fixed, "
+                                "uniform, zipf, lognormal or empirical)")
+    keyed = _keyed(args, text, _LENGTH_KEYS[name])
+    if name == "uniform":
+        _require(keyed, text, ("lo", "hi"))
+        lo, hi = parse_int(keyed["lo"], text), parse_int(keyed["hi"], text)
+        return _built(text, lambda: Uniform(lo, hi))
+    if name == "zipf":
+        _require(keyed, text, ("a", "max"))
+        a = parse_float(keyed["a"], text)
+        low, high = parse_int(keyed.get("min", "1"), text), parse_int(keyed["max"], text)
+        return _built(text, lambda: Zipf(a, low, high))
+    if name == "lognormal":
+        _require(keyed, text, ("median", "sigma"))
+        median, sigma = parse_float(keyed["median"], text), parse_float(keyed["sigma"], text)
+        floor = parse_int(keyed.get("min", "1"), text)
+        ceiling = None if "max" not in keyed else parse_int(keyed["max"], text)
+        return _built(text, lambda: LogNormal(median, sigma, floor, ceiling))
+    raise AssertionError(f"unhandled length distribution {name!r}")  # _LENGTH_KEYS is stale
+
+
+def parse_paired(text: str) -> LengthSamples:
+    """One SOURCE of the grammar: PATH or empirical(PATH;prompt_column=..;output_column=..)."""
+    if not text.lower().startswith("empirical("):
+        if not text:
+            raise WorkloadSpecError("'paired=': missing PATH")
+        return _load_samples(text, f"paired={text}")
+    _, args = parse_call(text)
+    if not args or "=" in args[0]:
+        raise WorkloadSpecError(f"{text!r}: empirical needs a PATH first")
+    options = _keyed(args[1:], text, ("prompt_column", "output_column"))
+    return _load_samples(args[0], text, options.get("prompt_column"),
+                         options.get("output_column"))
+
+
+_LENGTH_KEYS: dict[str, tuple[str, ...]] = {
+    "uniform": ("lo", "hi"),
+    "zipf": ("a", "min", "max"),
+    "lognormal": ("median", "sigma", "min", "max"),
+}
+
+
+def _keyed(args: Sequence[str], part: str, allowed: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not key or not value:
+            raise WorkloadSpecError(f"{part!r}: {arg!r} is not KEY=VALUE")
+        if key not in allowed:
+            raise WorkloadSpecError(f"{part!r}: unknown key {key!r} (allowed: "
+                                    f"{', '.join(allowed) or 'none'})")
+        if key in out:
+            raise WorkloadSpecError(f"{part!r}: {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def _require(keyed: dict[str, str], part: str, keys: Sequence[str]) -> None:
+    missing = [k for k in keys if k not in keyed]
+    if missing:
+        raise WorkloadSpecError(f"{part!r}: missing {', '.join(missing)}")
+
+
+def _built(part: str, build: Callable[[], _T]) -> _T:
+    # Constructors raise plain ValueError on bad values; re-raise naming the spec part.
+    try:
+        return build()
+    except WorkloadSpecError:
+        raise
+    except ValueError as error:
+        raise WorkloadSpecError(f"{part!r}: {error}") from None
+
+
+def _synthetic_from_spec(body: str, spec: str, default_seed: int) -> Workload:
+    from tetris.evaluation.synthetic import ARRIVALS, synthetic_workload
+
+    options: dict[str, str] = {}
+    for part in split_top_level(body):
+        key, sep, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not key or not value:
+            raise WorkloadSpecError(f"workload spec {spec!r}: part {part!r} is not KEY=VALUE")
+        if key not in _SYNTHETIC_KEYS:
+            raise WorkloadSpecError(f"workload spec {spec!r}: unknown key {key!r} in {part!r} "
+                                    f"(keys: {', '.join(_SYNTHETIC_KEYS)})")
+        if key in options:
+            raise WorkloadSpecError(f"workload spec {spec!r}: {key!r} given twice")
+        options[key] = value
+    missing = [k for k in ("n", "rate") if k not in options]
+    if missing:
+        raise WorkloadSpecError(f"workload spec {spec!r}: missing {', '.join(missing)}")
+    n = parse_int(options["n"], "n=" + options["n"])
+    rate = parse_float(options["rate"], "rate=" + options["rate"])
+    arrival = options.get("arrival", "poisson").lower()
+    if arrival not in ARRIVALS:
+        raise WorkloadSpecError(f"workload spec {spec!r}: arrival={arrival!r} (use "
+                                f"{', '.join(ARRIVALS)})")
+    cv = parse_float(options.get("cv", "1"), "cv=" + options.get("cv", "1"))
+    if "cv" in options and arrival != "gamma":
+        raise WorkloadSpecError(f"workload spec {spec!r}: cv applies to arrival=gamma only")
+    seed = parse_int(options["seed"], "seed=" + options["seed"]) if "seed" in options \
+        else default_seed
+    paired = parse_paired(options["paired"]) if "paired" in options else None
+    if paired is not None and ("prompt" in options or "output" in options):
+        raise WorkloadSpecError(f"workload spec {spec!r}: give either paired= or "
+                                "prompt= and output=, not both")
+    if paired is None and ("prompt" not in options or "output" not in options):
+        raise WorkloadSpecError(f"workload spec {spec!r}: needs prompt= and output= "
+                                "(or paired=)")
+    prompt = parse_length(options["prompt"], "prompt") if "prompt" in options else None
+    output = parse_length(options["output"], "output") if "output" in options else None
+    try:
+        workload = synthetic_workload(n, rate, arrival=arrival, cv=cv, prompt=prompt,
+                                      output=output, seed=seed, paired=paired)
+    except WorkloadSpecError:
+        raise
+    except ValueError as error:
+        raise WorkloadSpecError(f"workload spec {spec!r}: {error}") from None
+    return Workload(workload.name, workload.requests, (f"spec: {spec}", *workload.notes))

@@ -1,0 +1,74 @@
+"""Decode dispatcher: which decode instance(s) take a request's KV after prefill.
+
+Least-loaded with room: the instance holding the fewest reserved KV tokens among those with room
+for the request's whole KV (prompt + every token it may still generate) and a free batch slot.
+When no single instance has room and decode SP is allowed, the KV is split over the fewest
+instances whose free room covers it (most free room first), each share proportional to that
+instance's room. `None` means "wait": nothing is dropped, the caller retries when KV is freed.
+
+Pure Python, shared by the simulator and the runtime engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLoad:
+    """One decode instance as the dispatcher sees it."""
+
+    reserved_tokens: int
+    batch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """`shares[i]` KV tokens go to `instances[i]`; `instances[0]` leads the request's decode."""
+
+    instances: tuple[int, ...]
+    shares: tuple[int, ...]
+
+
+def choose_decode_instances(
+    loads: Sequence[DecodeLoad],
+    kv_tokens: int,
+    capacity_tokens: int,
+    max_batch: int,
+    max_sp: int = 1,
+) -> Placement | None:
+    if kv_tokens <= 0:
+        raise ValueError(f"kv_tokens must be > 0, got {kv_tokens}")
+    if max_sp < 1:
+        raise ValueError(f"max_sp must be >= 1, got {max_sp}")
+    open_slots = [g for g, load in enumerate(loads) if load.batch < max_batch]
+    whole = [g for g in open_slots if capacity_tokens - loads[g].reserved_tokens >= kv_tokens]
+    if whole:
+        g = min(whole, key=lambda i: (loads[i].reserved_tokens, loads[i].batch, i))
+        return Placement((g,), (kv_tokens,))
+    if max_sp == 1:
+        return None
+    by_room = sorted(open_slots, key=lambda i: (loads[i].reserved_tokens, loads[i].batch, i))
+    chosen: list[int] = []
+    room_total = 0
+    for g in by_room[:max_sp]:
+        room = capacity_tokens - loads[g].reserved_tokens
+        if room <= 0:
+            break
+        chosen.append(g)
+        room_total += room
+        if room_total >= kv_tokens:
+            break
+    if room_total < kv_tokens:
+        return None
+    rooms = [capacity_tokens - loads[g].reserved_tokens for g in chosen]
+    shares = [kv_tokens * room // room_total for room in rooms]
+    # Integer division leaves < len(chosen) tokens: hand them out where room remains.
+    left = kv_tokens - sum(shares)
+    for i in range(len(shares)):
+        extra = min(left, rooms[i] - shares[i])
+        shares[i] += extra
+        left -= extra
+    assert left == 0 and all(s <= r for s, r in zip(shares, rooms, strict=True))
+    return Placement(tuple(chosen), tuple(shares))
