@@ -122,3 +122,14 @@ def test_whatif_bad_sweep_field(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown sweep field names the field."""
     err = run_bad(capsys, "whatif", "--trace", TRACE, "--sweep", "gpus=1,2")
     assert "gpus" in err
+
+
+def test_whatif_on_ray_matches_local_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same searches as Ray tasks (a private loopback cluster) give the same answers."""
+    pytest.importorskip("ray")
+    args = ["whatif", "--trace", TRACE, *CLUSTER, "--policy", "tetris-greedy", "--policy",
+            "static-sp", "--max-evals", "5", "--rel-tol", "0.2"]
+    local = run_json(capsys, *args, "--jobs", "2")
+    on_ray = run_json(capsys, *args, "--ray-address", "local")
+    for name in ("tetris-greedy", "static-sp"):
+        assert on_ray["policies"][name]["search"] == local["policies"][name]["search"]

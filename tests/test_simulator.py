@@ -210,3 +210,21 @@ def test_every_request_finishes_with_all_tokens_in_order() -> None:
         assert r.chunks[0].start_s >= r.request.arrival_s
         assert r.chunks[-1].end_token == r.request.prompt_tokens
     assert int(out.stats["plans_validated"]) >= len(rs)
+
+
+def test_time_slice_of_an_expanding_plan_keeps_kv_within_memory() -> None:
+    """KV room for 2,000 tokens per instance: a 2,500-token prompt starting on the one idle
+    instance must grow later; slicing its first chunk validates against that growth (the
+    whole rest on the first instance alone would not fit)."""
+    from tetris.evaluation.prefill_policies import PrefillView
+    from tetris.solver.problem import PendingRequest, Problem
+
+    cm = cost_model(2, kv_capacity=2000)
+    r = PendingRequest("a", 0.0, 2500, 100.0)
+    view = PrefillView(0.0, (0.0, 5.0), (True, False), (r,), 0.0)
+    policy = CdspPolicy("g", clock=SolverClock.FREE, quantum_s=0.1)
+    decision = policy.decide(view, Problem(cm, (0.0, 0.0), ()))
+    (launch,) = decision.launches
+    assert launch.instances == (0,)
+    assert launch.end_token == 512  # 0.1 s fits 100 tokens: one block
+    assert decision.stats["chunks_sliced"] == 1

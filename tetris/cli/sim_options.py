@@ -25,7 +25,7 @@ CONFIG_FLAGS = {
     "solver_clock": "solver_clock", "cp_time_limit_ms": "cp_time_limit_ms",
     "milp_time_limit_ms": "milp_time_limit_ms", "static_sp": "static_sp",
     "distserve_group": "distserve_group", "decode_max_batch": "decode_max_batch",
-    "max_planned": "max_planned",
+    "max_planned": "max_planned", "loongserve_dp": "loongserve_dp",
 }
 
 
@@ -90,6 +90,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distserve-group", type=positive_int, metavar="S",
                    help="distserve prefill group size (default 2)")
     g.add_argument("--decode-max-batch", type=positive_int, metavar="N", help="default 256")
+    g.add_argument("--loongserve-dp", choices=("released", "full"),
+                   help="LoongServe's batching DP as released (default) or as in its paper")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tetris.evaluation.loongserve import simulate_loongserve
+from tetris.evaluation.loongserve import LoongServeOptions, simulate_loongserve
 from tetris.evaluation.prefill_policies import (
     CdspPolicy,
     DistServePolicy,
@@ -53,7 +53,9 @@ def _cdsp(name: str, solver: str) -> Callable[[SimConfig], PrefillPolicy]:
 
 def _loongserve(requests: Sequence[SimRequest], config: SimConfig) -> SimOutcome:
     unified = config.cost_model(prefill=config.total_gpus, decode=0)
-    return simulate_loongserve(requests, unified, seed=config.seed, noise_cv=config.noise_cv)
+    options = LoongServeOptions(dp_pruning=config.loongserve_dp == "released")
+    return simulate_loongserve(requests, unified, seed=config.seed, noise_cv=config.noise_cv,
+                               options=options)
 
 
 POLICIES: dict[str, PolicyInfo] = {

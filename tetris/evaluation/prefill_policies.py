@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tetris.evaluation.refinement import BackgroundRefiner, LaunchedChunk, problem_after
+from tetris.evaluation.refinement import (
+    BackgroundRefiner,
+    LaunchedChunk,
+    problem_after,
+    retime,
+)
 from tetris.solver.api import solve
 from tetris.solver.cp_sat import CpOptions
 from tetris.solver.objective import gpu_cost_weight_for_load
@@ -163,7 +168,8 @@ class CdspPolicy:
         if self.quantum_s is not None:
             quantum = (AUTO_QUANTUM_OVERHEADS * problem.cost_model.chunk_seconds(1, 0, 1)
                        if self.quantum_s == "auto" else float(self.quantum_s))
-            launches, cut = self._time_slice(problem, launches, quantum)
+            launches, cut = self._time_slice(problem, launches, quantum,
+                                             {p.request_id: p for p in plans})
             validated += cut
             stats["chunks_sliced"] = cut
         solver_s = self._charge(solver, wall_s, len(requests), problem.num_instances)
@@ -179,15 +185,15 @@ class CdspPolicy:
                 stats["refinements"] = 1
         return Decision(launches, solver_s=solver_s, plans_validated=validated, stats=stats)
 
-    def _time_slice(self, problem: Problem, launches: list[Launch],
-                    quantum_s: float) -> tuple[list[Launch], int]:
+    def _time_slice(self, problem: Problem, launches: list[Launch], quantum_s: float,
+                    plans: dict[str, RequestPlan]) -> tuple[list[Launch], int]:
         """Cut every launched chunk longer than the quantum at a block boundary.
 
         Planners see only the requests present; a long chunk on a wide group shuts out every
         request that arrives while it runs. Ending it after about `quantum_s` lets the next
         decision weigh the newcomers against the rest of this prompt (which keeps its KV
-        group, so it can go on right away if nobody more urgent came). The cut plan — this
-        slice, then the rest of the prompt on the same group — is validated like any other."""
+        group, so it can go on right away if nobody more urgent came). The cut plan is
+        validated like any other."""
         cm = problem.cost_model
         block = problem.block_tokens
         out = []
@@ -204,13 +210,14 @@ class CdspPolicy:
             if new_end >= end:
                 out.append(launch)
                 continue
-            t0 = problem.now_s
-            t1 = t0 + cm.chunk_seconds_on(new_end - start, start, group)
-            t2 = t1 + cm.chunk_seconds_on(r.prompt_tokens - new_end, new_end, group)
-            plan = RequestPlan(r.request_id, (ChunkPlan(start, new_end, group, t0, t1),
-                                              ChunkPlan(new_end, r.prompt_tokens, group, t1, t2)))
-            single = Problem(cm, problem.availability_s, (r,), now_s=t0, block_tokens=block)
-            ensure_valid(single, [plan])
+            # The plan it stands for: this slice, the rest of its chunk on the same group
+            # (same KV per instance), then the planner's later chunks, re-timed in order.
+            first, *later = plans[launch.request_id].chunks
+            pieces = [ChunkPlan(start, new_end, group, first.start_s, first.start_s),
+                      ChunkPlan(new_end, end, group, first.start_s, first.start_s), *later]
+            single = Problem(cm, problem.availability_s, (r,), now_s=problem.now_s,
+                             block_tokens=block)
+            ensure_valid(single, retime(single, [RequestPlan(r.request_id, tuple(pieces))]))
             out.append(Launch(launch.request_id, start, new_end, group))
             cut += 1
         return out, cut

@@ -79,8 +79,11 @@ class BackgroundRefiner:
     cp_options: CpOptions | None = None
     _refined: _Refined | None = None
 
+    _busy_until_s: float = -1.0
+
     def busy(self, now_s: float) -> bool:
-        return self._refined is not None and self._refined.ready_s > now_s
+        """CP-SAT is still running (a stale run keeps the solver busy until it ends too)."""
+        return self._busy_until_s > now_s
 
     def start(self, problem: Problem, version: int) -> bool:
         """Refine `problem` (the state after this decision's launches); False if not worth it:
@@ -97,6 +100,7 @@ class BackgroundRefiner:
             self._refined = None
             return False
         took = wall_s if self.charge_measured else self.time_limit_ms / 1e3
+        self._busy_until_s = problem.now_s + took
         self._refined = _Refined(
             version, problem.now_s + took, {p.request_id: p for p in result.plans},
             {r.request_id: _progress(r) for r in problem.requests},
@@ -108,7 +112,12 @@ class BackgroundRefiner:
         """The refined plan re-timed for `problem`, if it is ready, still describes the state,
         passes the validator and beats greedy's objective; else None. Used at most once."""
         refined = self._refined
-        if refined is None or refined.version != version or refined.ready_s > problem.now_s:
+        if refined is None:
+            return None
+        if refined.version != version:
+            self._refined = None  # an arrival or a launch since: it planned another state
+            return None
+        if refined.ready_s > problem.now_s:
             return None
         self._refined = None
         for r in problem.requests:

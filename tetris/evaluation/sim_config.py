@@ -50,6 +50,9 @@ class SimConfig(BaseModel):
     decode_max_batch: int = Field(default=256, gt=0)
     static_sp: int = Field(default=4, gt=0, description="SP size of the static-sp policy")
     distserve_group: int = Field(default=2, gt=0, description="distserve prefill group size")
+    loongserve_dp: Literal["released", "full"] = Field(
+        default="released", description="LoongServe's batching DP as its code runs it (its "
+        "pruning never splits a batch) or the full DP of its paper; docs/baselines-loongserve.md")
 
     @model_validator(mode="after")
     def _sizes(self) -> SimConfig:

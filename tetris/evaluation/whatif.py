@@ -213,11 +213,15 @@ def _run_ray(tasks: Sequence[Task], address: str) -> Iterator[tuple[int, Any]]:
     except ImportError:
         raise ValueError("--ray-address needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address == "local":
-            ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+            # A private single-node cluster: loopback only, no dashboard (measured: without
+            # these Ray binds to the machine's network address).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1,
+                     _node_ip_address="127.0.0.1", log_to_driver=False)
         else:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_call)
     refs = {remote.remote(fn, args): i for i, (fn, args) in enumerate(tasks)}
     pending = list(refs)

@@ -1,0 +1,74 @@
+"""Background CP-SAT refinement: the state after launches, re-timing, and when a plan is used."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import linear_cost_model, problem, request
+from tetris.evaluation.refinement import (
+    BackgroundRefiner,
+    LaunchedChunk,
+    problem_after,
+    retime,
+)
+from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.problem import Problem
+from tetris.solver.validator import validate_plans
+
+
+def test_problem_after_applies_launched_chunks() -> None:
+    """A partly launched request continues from its chunk; a fully launched one leaves."""
+    cm = linear_cost_model(4)
+    p = problem(cm, (0.0,) * 4, request("a", 1024), request("b", 512), request("c", 512))
+    launched = [LaunchedChunk("a", 0, 512, (0, 1), 0.1, 0.4),
+                LaunchedChunk("b", 0, 512, (2,), 0.1, 0.6)]
+    after = problem_after(p, launched, 0.1)
+    assert after.now_s == 0.1
+    assert after.availability_s == (0.4, 0.4, 0.6, 0.0)
+    assert [r.request_id for r in after.requests] == ["a", "c"]
+    a = after.requests[0]
+    assert (a.prefilled_tokens, a.kv_instances, a.ready_s) == (512, (0, 1), 0.4)
+
+
+def test_retime_keeps_chunks_and_order_and_shifts_to_availability() -> None:
+    """Instance 0 busy until 1 s: both chunks move later, same tokens and groups, valid."""
+    cm = linear_cost_model(2)  # 1 ms per token per instance
+    p = problem(cm, (1.0, 0.0), request("a", 1024), request("b", 512))
+    old = [RequestPlan("a", (ChunkPlan(0, 1024, (0, 1), 0.0, 0.512),)),
+           RequestPlan("b", (ChunkPlan(0, 512, (0,), 0.512, 1.024),))]
+    new = retime(p, old)
+    assert new[0].chunks[0].start_s == pytest.approx(1.0)
+    assert new[0].chunks[0].end_s == pytest.approx(1.512)
+    assert new[1].chunks[0].start_s == pytest.approx(1.512)
+    assert [(c.start_token, c.end_token, c.instances) for q in new for c in q.chunks] == \
+        [(0, 1024, (0, 1)), (0, 512, (0,))]
+    assert validate_plans(p, new) == []
+
+
+def test_refined_plan_is_used_only_when_ready_current_and_better() -> None:
+    """Not before its time, not after the state moved on, not when no better than greedy."""
+    cm = linear_cost_model(2)
+    reqs = (request("a", 2048, slo=1.0), request("b", 512, slo=0.3), request("c", 512, slo=5.0))
+
+    def at(now: float) -> Problem:
+        return problem(cm, (0.0, 0.0), *reqs, now_s=now)
+
+    refiner = BackgroundRefiner(time_limit_ms=50.0, charge_measured=False)
+    assert refiner.start(at(0.0), version=7)
+    assert refiner.busy(0.01) and not refiner.busy(0.05)
+    assert not refiner.start(at(0.01), version=7)  # one CP-SAT run at a time
+    assert refiner.take(at(0.01), 7, None) is None  # still running: 50 ms not over
+    assert refiner.take(at(0.06), 8, None) is None  # an arrival or launch happened since
+    assert refiner.take(at(0.06), 7, None) is None  # ... and that dropped it for good
+    assert refiner.start(at(0.06), version=7)
+    plans = refiner.take(at(0.2), 7, None)
+    assert plans is not None and validate_plans(at(0.2), plans) == []
+    assert refiner.start(at(0.2), version=9)
+    assert refiner.take(at(0.3), 9, greedy_objective=-1.0) is None  # greedy is better
+
+
+def test_refiner_skips_when_fewer_than_two_wait() -> None:
+    """With one request waiting there is no order to choose: no refinement runs."""
+    cm = linear_cost_model(2)
+    refiner = BackgroundRefiner(time_limit_ms=20.0, charge_measured=False)
+    assert not refiner.start(problem(cm, (0.0, 0.0), request("a", 512)), version=0)
