@@ -125,12 +125,15 @@ class CdspPolicy:
     # so slicing never costs more than 1/AUTO_QUANTUM_OVERHEADS of the time; None = no slicing.
     quantum_s: float | str | None = "auto"
 
+    refine: str = "background"  # or "before_launch": CP-SAT's time delays every launch
     _refiner: BackgroundRefiner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.quantum_s, str) and self.quantum_s != "auto":
             raise ValueError(f"quantum_s must be seconds, 'auto' or None, got {self.quantum_s!r}")
-        if self.solver == "cp":
+        if self.refine not in ("background", "before_launch"):
+            raise ValueError(f"refine must be 'background' or 'before_launch', got {self.refine!r}")
+        if self.solver == "cp" and self.refine == "background":
             self._refiner = BackgroundRefiner(
                 self.time_limit_ms, charge_measured=self.clock is SolverClock.MEASURED,
                 min_waiting=self.refine_min_waiting, cp_options=self.cp_options)
@@ -145,8 +148,12 @@ class CdspPolicy:
             max_sp=problem_base.max_sp, gpu_cost_weight=gpu_cost_weight_for_load(view.load),
             miss_penalty=problem_base.miss_penalty,
         )
-        # `cp` decides with greedy and refines in the background (see refinement.py).
-        solver = "greedy" if self.solver == "cp" else self.solver
+        # `cp` decides with greedy and refines in the background (see refinement.py), or, in
+        # the "before_launch" ablation, plans with CP-SAT itself when requests queue.
+        solver = self.solver
+        if solver == "cp" and (self._refiner is not None or sum(
+                1 for r in requests if r.prefilled_tokens == 0) < self.refine_min_waiting):
+            solver = "greedy"
         started = time.perf_counter()
         result = solve(problem, solver, self.time_limit_ms, cp_options=self.cp_options)
         if not result.status.has_plans:
