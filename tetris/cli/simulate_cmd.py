@@ -7,13 +7,12 @@ Chrome trace and a Gantt chart of a time window of prefill.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from tetris.cli.arg_types import positive_float
 from tetris.cli.errors import UsageError
+from tetris.cli.output import emit, number
 from tetris.cli.sim_options import (
     add_config_options,
     add_trace_options,
@@ -81,18 +80,9 @@ def run(args: argparse.Namespace) -> int:
         "metrics": result.metrics,
         "stats": result.stats,
     }
-    if args.format == "json":
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(out)
+    emit(out, args.format, print_table)
     return 0
 
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -110,14 +100,15 @@ def print_table(out: dict[str, Any]) -> None:
     for col in ("metric", "mean", "p50", "p90", "p99"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     for name in ("ttft", "tbt", "e2e"):
-        table.add_row(f"{name} (s)", *(_fmt(m.get(f"{name}_{q}_s"))
+        table.add_row(f"{name} (s)", *(number(m.get(f"{name}_{q}_s"))
                                        for q in ("mean", "p50", "p90", "p99")))
+    quantiles = ("mean", "p50", "p90", "p99")
     table.add_row("normalized latency (s/token)", *(
-        _fmt(m.get(f"normalized_latency_{q}_s_per_token")) for q in ("mean", "p50", "p90", "p99")))
+        number(m.get(f"normalized_latency_{q}_s_per_token")) for q in quantiles))
     console.print(table)
-    console.print(f"SLO attainment {_fmt(m.get('slo_attainment'))} (TTFT "
-                  f"{_fmt(m.get('ttft_attainment'))}, TBT {_fmt(m.get('tbt_attainment'))}); "
-                  f"goodput {_fmt(m.get('goodput_rps'))} req/s")
+    console.print(f"SLO attainment {number(m.get('slo_attainment'))} (TTFT "
+                  f"{number(m.get('ttft_attainment'))}, TBT {number(m.get('tbt_attainment'))}); "
+                  f"goodput {number(m.get('goodput_rps'))} req/s")
     s = out["stats"]
-    console.print(f"{_fmt(s.get('events'))} events in {_fmt(s.get('wall_s'))} s; "
-                  f"{_fmt(s.get('plans_validated'))} plans validated")
+    console.print(f"{number(s.get('events'))} events in {number(s.get('wall_s'))} s; "
+                  f"{number(s.get('plans_validated'))} plans validated")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from rich.progress import Progress
 
 from tetris.cli.arg_types import comma_list, positive_float, positive_int
 from tetris.cli.errors import UsageError, for_option
+from tetris.cli.output import emit, number
 from tetris.cli.sim_options import (
     add_config_options,
     add_trace_options,
@@ -163,11 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_gpus_for is not None:
         out["min_gpus"] = {p: results[len(units) + k] for k, p in enumerate(policies)}
     _plots(args, outcomes)
-    if args.format == "json":
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(out)
+    emit(out, args.format, print_table)
     return 0
 
 
@@ -236,11 +232,6 @@ def _plots(args: argparse.Namespace, outcomes: list[SearchOutcome]) -> None:
         plot_cdfs(runs, args.plot_cdf)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return "-" if value is None else str(value)
-
 
 def print_table(out: dict[str, Any]) -> None:
     from rich.console import Console
@@ -263,13 +254,13 @@ def print_table(out: dict[str, Any]) -> None:
                     "TBT p50/p99 (s)", "attainment"):
             table.add_column(col)
         for name, res in policies.items():
-            table.add_row(name, _fmt(res["max_sustainable_rate_rps"]), "", "", "", "")
+            table.add_row(name, number(res["max_sustainable_rate_rps"]), "", "", "", "")
             for r in res["at_rates"]:
                 table.add_row("", "", row_key(r),
-                              "/".join(_fmt(r[k], 3) for k in
+                              "/".join(number(r[k], 3) for k in
                                        ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")),
-                              "/".join(_fmt(r[k], 3) for k in ("tbt_p50_s", "tbt_p99_s")),
-                              _fmt(r["slo_attainment"], 3))
+                              "/".join(number(r[k], 3) for k in ("tbt_p50_s", "tbt_p99_s")),
+                              number(r["slo_attainment"], 3))
         console.print(table)
     for name, res in (out.get("min_gpus") or {}).items():
         console.print(f"{name}: fewest GPUs for {res['rate_rps']:g} req/s = {res['gpus']}")

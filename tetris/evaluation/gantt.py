@@ -56,7 +56,9 @@ def draw_gantt(
                  *(c.end_s for p in report.plans for c in p.chunks)])
     span = t_max - t_min
 
-    fig = Figure(figsize=(11.0, max(3.2, 0.42 * n + 1.8)), dpi=120, layout="constrained")
+    # Tall enough for the rows and for the legend (one entry per request, plus 3 keys).
+    height = max(3.2, 0.42 * n + 1.8, 0.3 * (len(report.plans) + 3) + 1.0)
+    fig = Figure(figsize=(11.0, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas without pyplot: no global backend state touched
     ax = fig.add_subplot()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 
+from tetris.solver.plan import ChunkPlan
+
 
 @dataclass(frozen=True, slots=True)
 class SimRequest:
@@ -23,15 +25,9 @@ class SimRequest:
     tbt_slo_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRecord:
-    """Tokens [start_token, end_token) prefilled on `instances` during [start_s, end_s)."""
-
-    start_token: int
-    end_token: int
-    instances: tuple[int, ...]
-    start_s: float
-    end_s: float
+# A chunk as executed has exactly the fields of a planned one: tokens [start_token, end_token)
+# prefilled on `instances` during [start_s, end_s) (the executed times, noise included).
+ChunkRecord = ChunkPlan
 
 
 @dataclass(slots=True)

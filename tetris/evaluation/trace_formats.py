@@ -17,7 +17,7 @@ import csv
 import datetime as dt
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -203,36 +203,18 @@ def load_azure(path: StrPath) -> Workload:
     prompts: list[int] = []
     outputs: list[int] = []
     lines: list[int] = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise TraceFormatError(path, 1, "empty file (expected header "
-                                   f"{','.join(AZURE_HEADER)})")
-        names = [name.strip() for name in header]
-        missing = [name for name in AZURE_HEADER if name not in names]
-        if missing:
-            raise TraceFormatError(path, 1, f"header {','.join(names)!r} lacks "
-                                   f"{', '.join(missing)} (expected {','.join(AZURE_HEADER)})")
-        at = [names.index(name) for name in AZURE_HEADER]
-        blank_at: int | None = None
-        for row in reader:
-            number = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                blank_at = blank_at or number
-                continue
-            if blank_at is not None:
-                raise TraceFormatError(path, blank_at, "blank line before more rows")
-            if len(row) != len(names):
-                raise TraceFormatError(path, number, f"expected {len(names)} fields, "
-                                       f"got {len(row)}")
-            try:
-                stamps.append(parse_azure_timestamp(row[at[0]]))
-            except ValueError as error:
-                raise TraceFormatError(path, number, str(error)) from None
-            prompts.append(_positive_int(row[at[1]], AZURE_HEADER[1], path, number))
-            outputs.append(_positive_int(row[at[2]], AZURE_HEADER[2], path, number))
-            lines.append(number)
+    expected = ",".join(AZURE_HEADER)
+    rows = _csv_rows(path, AZURE_HEADER, empty=f"empty file (expected header {expected})",
+                     missing=lambda names, absent: f"header {','.join(names)!r} lacks "
+                     f"{', '.join(absent)} (expected {expected})")
+    for number, (stamp, prompt, output) in rows:
+        try:
+            stamps.append(parse_azure_timestamp(stamp))
+        except ValueError as error:
+            raise TraceFormatError(path, number, str(error)) from None
+        prompts.append(_positive_int(prompt, AZURE_HEADER[1], path, number))
+        outputs.append(_positive_int(output, AZURE_HEADER[2], path, number))
+        lines.append(number)
     if not stamps:
         raise TraceFormatError(path, None, "no data rows")
     notes = [f"Azure CSV {path.name}: {len(stamps)} requests"]
@@ -245,6 +227,36 @@ def load_azure(path: StrPath) -> Workload:
         for i in order.tolist()
     ]
     return Workload.from_requests(f"azure:{path.stem}", requests, notes)
+
+
+def _csv_rows(path: Path, columns: Sequence[str], *, empty: str,
+              missing: Callable[[list[str], list[str]], str]) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, the cells of `columns`) for each data row of a headed CSV.
+
+    Blank lines are allowed only at the end (a trailing newline or two), anywhere else they
+    are an error at the first blank line; every row must have the header's field count."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise TraceFormatError(path, 1, empty)
+        names = [name.strip() for name in header]
+        absent = [c for c in columns if c not in names]
+        if absent:
+            raise TraceFormatError(path, 1, missing(names, absent))
+        at = [names.index(c) for c in columns]
+        blank_at: int | None = None
+        for row in reader:
+            number = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                blank_at = blank_at or number
+                continue
+            if blank_at is not None:
+                raise TraceFormatError(path, blank_at, "blank line before more rows")
+            if len(row) != len(names):
+                raise TraceFormatError(path, number, f"expected {len(names)} fields, "
+                                       f"got {len(row)}")
+            yield number, [row[i] for i in at]
 
 
 def _positive_int(text: str, column: str, path: Path, line: int) -> int:
@@ -265,30 +277,12 @@ def load_columns(path: StrPath, columns: Sequence[str]) -> list[IntArray]:
     """Integer columns (> 0 each) of a headed CSV, by name."""
     path = Path(path)
     values: list[list[int]] = [[] for _ in columns]
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise TraceFormatError(path, 1, "empty file (expected a header row)")
-        names = [name.strip() for name in header]
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise TraceFormatError(path, 1, f"no column {', '.join(map(repr, missing))} in "
-                                   f"header {','.join(names)!r}")
-        at = [names.index(c) for c in columns]
-        blank_at: int | None = None
-        for row in reader:
-            number = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                blank_at = blank_at or number
-                continue
-            if blank_at is not None:
-                raise TraceFormatError(path, blank_at, "blank line before more rows")
-            if len(row) != len(names):
-                raise TraceFormatError(path, number, f"expected {len(names)} fields, "
-                                       f"got {len(row)}")
-            for target, index, column in zip(values, at, columns, strict=True):
-                target.append(_positive_int(row[index], column, path, number))
+    rows = _csv_rows(path, columns, empty="empty file (expected a header row)",
+                     missing=lambda names, absent: f"no column {', '.join(map(repr, absent))} "
+                     f"in header {','.join(names)!r}")
+    for number, cells in rows:
+        for target, cell, column in zip(values, cells, columns, strict=True):
+            target.append(_positive_int(cell, column, path, number))
     if not values or not values[0]:
         raise TraceFormatError(path, None, "no data rows")
     return [np.asarray(v, dtype=np.int64) for v in values]

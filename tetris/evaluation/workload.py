@@ -473,26 +473,32 @@ _LENGTH_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _keyed(args: Sequence[str], part: str, allowed: Sequence[str]) -> dict[str, str]:
+def _keyed(args: Sequence[str], part: str, allowed: Sequence[str], *,
+           where: str | None = None) -> dict[str, str]:
+    """KEY=VALUE arguments of `part` (keys lower-cased); errors start with `where`
+    (default: the quoted part)."""
+    where = repr(part) if where is None else where
     out: dict[str, str] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         key, value = key.strip().lower(), value.strip()
         if not sep or not key or not value:
-            raise WorkloadSpecError(f"{part!r}: {arg!r} is not KEY=VALUE")
+            raise WorkloadSpecError(f"{where}: {arg!r} is not KEY=VALUE")
         if key not in allowed:
-            raise WorkloadSpecError(f"{part!r}: unknown key {key!r} (allowed: "
+            raise WorkloadSpecError(f"{where}: unknown key {key!r} (allowed: "
                                     f"{', '.join(allowed) or 'none'})")
         if key in out:
-            raise WorkloadSpecError(f"{part!r}: {key!r} given twice")
+            raise WorkloadSpecError(f"{where}: {key!r} given twice")
         out[key] = value
     return out
 
 
-def _require(keyed: dict[str, str], part: str, keys: Sequence[str]) -> None:
+def _require(keyed: dict[str, str], part: str, keys: Sequence[str], *,
+             where: str | None = None) -> None:
     missing = [k for k in keys if k not in keyed]
     if missing:
-        raise WorkloadSpecError(f"{part!r}: missing {', '.join(missing)}")
+        where = repr(part) if where is None else where
+        raise WorkloadSpecError(f"{where}: missing {', '.join(missing)}")
 
 
 def _built(part: str, build: Callable[[], _T]) -> _T:
@@ -508,21 +514,9 @@ def _built(part: str, build: Callable[[], _T]) -> _T:
 def _synthetic_from_spec(body: str, spec: str, default_seed: int) -> Workload:
     from tetris.evaluation.synthetic import ARRIVALS, synthetic_workload
 
-    options: dict[str, str] = {}
-    for part in split_top_level(body):
-        key, sep, value = part.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if not sep or not key or not value:
-            raise WorkloadSpecError(f"workload spec {spec!r}: part {part!r} is not KEY=VALUE")
-        if key not in _SYNTHETIC_KEYS:
-            raise WorkloadSpecError(f"workload spec {spec!r}: unknown key {key!r} in {part!r} "
-                                    f"(keys: {', '.join(_SYNTHETIC_KEYS)})")
-        if key in options:
-            raise WorkloadSpecError(f"workload spec {spec!r}: {key!r} given twice")
-        options[key] = value
-    missing = [k for k in ("n", "rate") if k not in options]
-    if missing:
-        raise WorkloadSpecError(f"workload spec {spec!r}: missing {', '.join(missing)}")
+    where = f"workload spec {spec!r}"
+    options = _keyed(split_top_level(body), body, _SYNTHETIC_KEYS, where=where)
+    _require(options, body, ("n", "rate"), where=where)
     n = parse_int(options["n"], "n=" + options["n"])
     rate = parse_float(options["rate"], "rate=" + options["rate"])
     arrival = options.get("arrival", "poisson").lower()
