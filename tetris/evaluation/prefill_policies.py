@@ -62,7 +62,6 @@ class PrefillView:
     # `ready_s` after now.
     pending: tuple[PendingRequest, ...]
     load: float  # recent share of prefill instances busy, in [0, 1]
-    version: int = 0  # arrivals + launches so far: a plan made at another version is stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +164,7 @@ class CdspPolicy:
         if result.status is SolveStatus.OPTIMAL:
             stats["solver_optimal"] = 1
         if self._refiner is not None:
-            refined = self._refiner.take(problem, view.version, result.objective)
+            refined = self._refiner.take(problem, result.objective)
             if refined is not None:
                 plans = refined
                 validated += len(refined)
@@ -188,7 +187,7 @@ class CdspPolicy:
                 launch_s + cm.chunk_seconds_on(x.end_token - x.start_token, x.start_token,
                                                x.instances)) for x in launches]
             after = problem_after(problem, running, launch_s)
-            if self._refiner.start(after, view.version + len(launches)):
+            if self._refiner.start(after):
                 stats["refinements"] = 1
         return Decision(launches, solver_s=solver_s, plans_validated=validated, stats=stats)
 

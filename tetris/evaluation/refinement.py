@@ -3,10 +3,11 @@
 At a decision the greedy plan is launched at once. Then CP-SAT (warm-started from greedy) plans
 the state as it stands after those launches — every request still waiting — "in the
 background": its result becomes usable only `w` later (its time limit, or its measured wall
-time), and only while nothing it assumed has changed (no arrival, no launch since: the
-simulator's `version`). At the next decision the refined plan is re-timed against the instances'
-actual availability (chunks keep their tokens and groups, in the refined plan's start order),
-validated, and launched instead of greedy's plan when its exact objective is lower.
+time), and only while no request it planned has moved on. At the next decision the refined plan
+is re-timed against the instances' actual availability (chunks keep their tokens and groups, in
+the refined plan's start order), requests that arrived meanwhile are fitted in after it by
+greedy's rule, and the result is validated and launched instead of greedy's plan when its exact
+objective is lower.
 
 Why not refine before launching: charging CP-SAT's tens of milliseconds to every decision under
 load delays every launch, and the queue pays more than the better plan gains (measured: see
@@ -21,6 +22,8 @@ from dataclasses import dataclass, replace
 
 from tetris.solver.api import solve
 from tetris.solver.cp_sat import CpOptions
+from tetris.solver.expansion import occupy
+from tetris.solver.greedy import best_cap_plan, cap_levels
 from tetris.solver.objective import total_objective
 from tetris.solver.plan import ChunkPlan, RequestPlan
 from tetris.solver.problem import PendingRequest, Problem
@@ -65,7 +68,6 @@ def _progress(r: PendingRequest) -> Progress:
 
 @dataclass
 class _Refined:
-    version: int
     ready_s: float
     plans: dict[str, RequestPlan]
     progress: dict[str, Progress]
@@ -85,7 +87,7 @@ class BackgroundRefiner:
         """CP-SAT is still running (a stale run keeps the solver busy until it ends too)."""
         return self._busy_until_s > now_s
 
-    def start(self, problem: Problem, version: int) -> bool:
+    def start(self, problem: Problem) -> bool:
         """Refine `problem` (the state after this decision's launches); False if not worth it:
         fewer than `min_waiting` requests wait to start, or a refinement is still running."""
         if self.busy(problem.now_s):
@@ -102,28 +104,45 @@ class BackgroundRefiner:
         took = wall_s if self.charge_measured else self.time_limit_ms / 1e3
         self._busy_until_s = problem.now_s + took
         self._refined = _Refined(
-            version, problem.now_s + took, {p.request_id: p for p in result.plans},
+            problem.now_s + took, {p.request_id: p for p in result.plans},
             {r.request_id: _progress(r) for r in problem.requests},
         )
         return True
 
-    def take(self, problem: Problem, version: int, greedy_objective: float | None
-             ) -> list[RequestPlan] | None:
-        """The refined plan re-timed for `problem`, if it is ready, still describes the state,
-        passes the validator and beats greedy's objective; else None. Used at most once."""
+    def take(self, problem: Problem, greedy_objective: float | None) -> list[RequestPlan] | None:
+        """The refined plan repaired for `problem`, if it is ready, passes the validator and
+        beats greedy's objective; else None. Used at most once.
+
+        Repair: requests it planned keep their chunks (tokens, groups) and order, re-timed to
+        the instances' actual availability; requests that arrived since are planned after
+        them by greedy's own rule, earliest deadline first. A request it planned that has
+        moved on since (a chunk launched by a decision in between) voids the plan."""
         refined = self._refined
-        if refined is None:
-            return None
-        if refined.version != version:
-            self._refined = None  # an arrival or a launch since: it planned another state
-            return None
-        if refined.ready_s > problem.now_s:
+        if refined is None or refined.ready_s > problem.now_s:
             return None
         self._refined = None
+        kept = []
+        newcomers = []
         for r in problem.requests:
-            if refined.progress.get(r.request_id) != _progress(r):
-                return None  # a request it never saw, or one that moved on
-        plans = retime(problem, [refined.plans[r.request_id] for r in problem.requests])
+            seen = refined.progress.get(r.request_id)
+            if seen is None:
+                newcomers.append(r)
+            elif seen != _progress(r):
+                return None
+            else:
+                kept.append(refined.plans[r.request_id])
+        plans = retime(problem, kept)
+        free = [problem.free_at(g) for g in range(problem.num_instances)]
+        for plan in plans:
+            occupy(free, plan)
+        caps = cap_levels(problem.sp_limit)
+        for r in sorted(newcomers, key=lambda q: (q.deadline_s, q.arrival_s)):
+            found = best_cap_plan(problem, r, free, caps)
+            if found is None:
+                return None
+            occupy(free, found[0])
+            plans.append(found[0])
+        plans.sort(key=lambda p: problem.index_of[p.request_id])
         if validate_plans(problem, plans):
             return None
         if greedy_objective is not None and \

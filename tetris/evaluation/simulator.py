@@ -115,7 +115,6 @@ class DisaggregatedSimulator:
         self.busy_s = [0.0] * self.num_prefill
         self.scheduler_free_s = 0.0
         self.decide_queued = False
-        self.version = 0  # arrivals + launches: lets a policy tell whether its state is stale
         self.load = 0.0
         self.load_t = 0.0
         self.stats: dict[str, int | float | str] = {
@@ -134,7 +133,6 @@ class DisaggregatedSimulator:
             now, _, _, kind, payload = self.events.pop()
             events += 1
             if kind == ARRIVAL:
-                self.version += 1
                 self.pending[payload] = self.progress[payload]
                 self._want_decision(now)
             elif kind == CHUNK_END:
@@ -225,7 +223,7 @@ class DisaggregatedSimulator:
                 ready_s=max(p.planned_ready_s, now + OVERRUN_S) if p.running else None,
             ))
         return PrefillView(now, availability, tuple(not b for b in self.running),
-                           tuple(pending), self.load, self.version)
+                           tuple(pending), self.load)
 
     def _launch(self, launch: Launch, start_s: float) -> None:
         i = self.by_id.get(launch.request_id)
@@ -246,7 +244,6 @@ class DisaggregatedSimulator:
         chunk = ChunkRecord(launch.start_token, launch.end_token, launch.instances,
                             start_s, start_s + actual)
         p.record.chunks.append(chunk)
-        self.version += 1
         p.prefilled = launch.end_token
         p.kv_instances = launch.instances
         p.planned_ready_s = start_s + planned
