@@ -133,3 +133,12 @@ def test_whatif_on_ray_matches_local_processes(capsys: pytest.CaptureFixture[str
     on_ray = run_json(capsys, *args, "--ray-address", "local")
     for name in ("tetris-greedy", "static-sp"):
         assert on_ray["policies"][name]["search"] == local["policies"][name]["search"]
+
+
+def test_simulate_tetris_milp_on_a_small_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The MILP planner drives a small simulation to completion with validated plans."""
+    trace = "synthetic:n=6,rate=4,prompt=uniform(lo=1000;hi=6000),output=fixed(3),seed=2"
+    out = run_json(capsys, "simulate", "--trace", trace, "--policy", "tetris-milp", *CLUSTER,
+                   "--milp-time-limit-ms", "1000")
+    assert out["metrics"]["finished"] == 6
+    assert out["stats"]["plans_validated"] >= 6
