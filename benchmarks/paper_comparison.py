@@ -21,7 +21,8 @@ from typing import Any
 from tetris.evaluation.plots import plot_attainment_vs_rate, plot_cdfs, plot_sweep
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.whatif import SearchUnit, apply_point, run_parallel, run_search_unit
-from tetris.evaluation.workload import Workload, load_workload
+from tetris.evaluation.workload import Workload
+from tetris.evaluation.workload_spec import load_workload
 
 TRACES = {
     "mooncake": "mooncake:../shared/traces/mooncake_conversation_trace.jsonl",

@@ -21,7 +21,7 @@ from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.prefill_policies import CdspPolicy, PrefillPolicy, SolverClock
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.simulator import SimOptions, simulate_disaggregated
-from tetris.evaluation.workload import load_workload
+from tetris.evaluation.workload_spec import load_workload
 
 TRACE = "mooncake:../shared/traces/mooncake_conversation_trace.jsonl"
 

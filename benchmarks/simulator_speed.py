@@ -15,7 +15,7 @@ import time
 from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.policies import run_policy
 from tetris.evaluation.sim_config import SimConfig
-from tetris.evaluation.workload import load_workload
+from tetris.evaluation.workload_spec import load_workload
 
 DEFAULT_TRACE = "mooncake:../shared/traces/mooncake_conversation_trace.jsonl"
 

@@ -9,7 +9,6 @@ import pytest
 from tests.helpers import linear_cost_model, problem, request
 from tetris.evaluation.refinement import (
     BackgroundRefiner,
-    LaunchedChunk,
     problem_after,
     retime,
 )
@@ -22,8 +21,8 @@ def test_problem_after_applies_launched_chunks() -> None:
     """A partly launched request continues from its chunk; a fully launched one leaves."""
     cm = linear_cost_model(4)
     p = problem(cm, (0.0,) * 4, request("a", 1024), request("b", 512), request("c", 512))
-    launched = [LaunchedChunk("a", 0, 512, (0, 1), 0.1, 0.4),
-                LaunchedChunk("b", 0, 512, (2,), 0.1, 0.6)]
+    launched = [RequestPlan("a", (ChunkPlan(0, 512, (0, 1), 0.1, 0.4),)),
+                RequestPlan("b", (ChunkPlan(0, 512, (2,), 0.1, 0.6),))]
     after = problem_after(p, launched, 0.1)
     assert after.now_s == 0.1
     assert after.availability_s == (0.4, 0.4, 0.6, 0.0)

@@ -14,7 +14,8 @@ from typing import Any
 from tetris.cli.arg_types import nonnegative_float, positive_float, positive_int
 from tetris.cli.errors import UsageError, for_option
 from tetris.evaluation.sim_config import SimConfig
-from tetris.evaluation.workload import Workload, load_workload
+from tetris.evaluation.workload import Workload
+from tetris.evaluation.workload_spec import load_workload
 
 # flag dest -> SimConfig field
 CONFIG_FLAGS = {

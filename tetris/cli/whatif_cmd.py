@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +232,11 @@ def _plots(args: argparse.Namespace, outcomes: list[SearchOutcome]) -> None:
 
 
 
+def _rate_label(row: dict[str, Any]) -> str:
+    rate = f"{row['rate_rps']:.4g}"
+    return rate + (f" (= {row['at_rate_of']} max)" if "at_rate_of" in row else "")
+
+
 def print_table(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -246,8 +250,6 @@ def print_table(out: dict[str, Any]) -> None:
         groups = [(json.dumps(s["point"]), s["policies"]) for s in out["sweep"]]
     else:
         groups = [("", out["policies"])]
-    row_key: Callable[[dict[str, Any]], str] = lambda r: (  # noqa: E731
-        f"{r['rate_rps']:.4g}" + (f" (= {r['at_rate_of']} max)" if "at_rate_of" in r else ""))
     for title, policies in groups:
         table = Table(title=title or None, header_style="bold")
         for col in ("policy", "max rate (req/s)", "at rate", "TTFT p50/p90/p99 (s)",
@@ -256,7 +258,7 @@ def print_table(out: dict[str, Any]) -> None:
         for name, res in policies.items():
             table.add_row(name, number(res["max_sustainable_rate_rps"]), "", "", "", "")
             for r in res["at_rates"]:
-                table.add_row("", "", row_key(r),
+                table.add_row("", "", _rate_label(r),
                               "/".join(number(r[k], 3) for k in
                                        ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")),
                               "/".join(number(r[k], 3) for k in ("tbt_p50_s", "tbt_p99_s")),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tetris.evaluation.events import PRIORITY_COMPLETE, EventQueue
 from tetris.evaluation.noise import DurationNoise
-from tetris.evaluation.records import RequestRecord
+from tetris.evaluation.records import RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
 from tetris.solver.dispatch import DecodeLoad, Placement, choose_decode_instances
 
@@ -76,21 +76,22 @@ class DecodePool:
         self.tokens = 0
         self.max_waiting = 0
 
-    def fits_at_all(self, record: RequestRecord) -> bool:
-        need = record.request.prompt_tokens + record.request.output_tokens
-        return need <= self.capacity * min(self.max_sp, len(self.instances))
+    def require_fits(self, request: SimRequest) -> None:
+        """ValueError unless the request's final KV fits on the instances it may span."""
+        need = request.prompt_tokens + request.output_tokens
+        span = min(self.max_sp, len(self.instances))
+        if need > self.capacity * span:
+            raise ValueError(
+                f"request {request.request_id!r}: its KV ({request.prompt_tokens} + "
+                f"{request.output_tokens} tokens) exceeds the memory of {span} decode "
+                f"instance(s) ({self.capacity} tokens each)"
+            )
 
     def submit(self, record: RequestRecord, now: float) -> None:
         """The request's first token is out (its prefill ended at `now`): move its KV here."""
         if record.finished:
             return  # a one-token answer never decodes
-        if not self.fits_at_all(record):
-            raise ValueError(
-                f"request {record.request_id!r}: its KV ({record.request.prompt_tokens} + "
-                f"{record.request.output_tokens} tokens) exceeds the memory of "
-                f"{min(self.max_sp, len(self.instances))} decode instance(s) "
-                f"({self.capacity} tokens each)"
-            )
+        self.require_fits(record.request)
         self.waiting.append(record)
         self.max_waiting = max(self.max_waiting, len(self.waiting))
         self._dispatch(now)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from tetris.evaluation.events import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE
 from tetris.evaluation.loongserve_admission import LoongServeAdmission
 from tetris.evaluation.loongserve_batching import place_prefill_kv, plan_prefill_batches
-from tetris.evaluation.loongserve_decode import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
+from tetris.evaluation.loongserve_types import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
 from tetris.evaluation.records import ChunkRecord, SimOutcome, SimRequest
 from tetris.solver.cost_model import CostModel
 

@@ -24,7 +24,6 @@ from typing import Protocol
 
 from tetris.evaluation.refinement import (
     BackgroundRefiner,
-    LaunchedChunk,
     problem_after,
     retime,
 )
@@ -182,10 +181,10 @@ class CdspPolicy:
         if self._refiner is not None:
             launch_s = view.now_s + solver_s
             cm = problem.cost_model
-            running = [LaunchedChunk(
-                x.request_id, x.start_token, x.end_token, x.instances, launch_s,
+            running = [RequestPlan(x.request_id, (ChunkPlan(
+                x.start_token, x.end_token, x.instances, launch_s,
                 launch_s + cm.chunk_seconds_on(x.end_token - x.start_token, x.start_token,
-                                               x.instances)) for x in launches]
+                                               x.instances)),)) for x in launches]
             after = problem_after(problem, running, launch_s)
             if self._refiner.start(after):
                 stats["refinements"] = 1

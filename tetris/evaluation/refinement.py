@@ -32,24 +32,15 @@ from tetris.solver.validator import validate_plans
 Progress = tuple[int, tuple[int, ...]]
 
 
-@dataclass(frozen=True)
-class LaunchedChunk:
-    request_id: str
-    start_token: int
-    end_token: int
-    instances: tuple[int, ...]
-    start_s: float
-    end_s: float  # planned
-
-
-def problem_after(problem: Problem, launched: Sequence[LaunchedChunk], now_s: float) -> Problem:
-    """The planning problem once `launched` chunks are running."""
+def problem_after(problem: Problem, launched: Sequence[RequestPlan], now_s: float) -> Problem:
+    """The planning problem once the `launched` chunks (one per request, planned times) run."""
     availability = list(problem.availability_s)
-    progressed: dict[str, LaunchedChunk] = {}
-    for c in launched:
+    progressed: dict[str, ChunkPlan] = {}
+    for plan in launched:
+        (c,) = plan.chunks
         for g in c.instances:
             availability[g] = max(availability[g], c.end_s)
-        progressed[c.request_id] = c
+        progressed[plan.request_id] = c
     requests = []
     for r in problem.requests:
         ran = progressed.get(r.request_id)

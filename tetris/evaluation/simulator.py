@@ -81,8 +81,8 @@ def check_fits(requests: Sequence[SimRequest], cost_model: CostModel, prefill_sp
                 f"request {r.request_id!r}: its prompt of {r.prompt_tokens} tokens needs more KV "
                 f"memory than {prefill_sp} prefill instance(s) have ({cap} tokens each)"
             )
-        if decode_pool is not None and not decode_pool.fits_at_all(RequestRecord(r)):
-            decode_pool.submit(RequestRecord(r), 0.0)  # raises with the details
+        if decode_pool is not None:
+            decode_pool.require_fits(r)
 
 
 class DisaggregatedSimulator:
