@@ -21,3 +21,14 @@ def smollm2_dir() -> Path:
     from tetris.models.fetch import fetch_model
 
     return fetch_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> object:
+    """One private loopback Ray for the whole test session (startup costs 4-10 s)."""
+    pytest.importorskip("ray")
+    from tetris.runtime.ray_session import init_ray
+
+    ray = init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +223,100 @@ def test_requests_file_unnamed_ids_skip_taken_ones(tmp_path: Path,
     assert main(["plan", "--requests", str(path), "--solver", "greedy", "--format", "json"]) == 0
     ids = [p["request_id"] for p in json.loads(capsys.readouterr().out)["plans"]]
     assert ids == ["r1", "r2", "odd\u2028id"]
+
+
+# -- --from-server -----------------------------------------------------------------------------
+SERVED_PLAN: dict[str, Any] = {
+    "solver": {"name": "cp", "status": "feasible", "wall_ms": 4.0, "objective": 2.5,
+               "bound": 2.0, "stats": {}},
+    "availability_s": [0.0, 0.0, 1.5, 1.5],
+    "plans": [
+        {"request_id": "cmpl-a", "arrival_s": 0.0, "prompt_tokens": 65536, "prefill_end_s": 2.5,
+         "ttft_s": 2.5, "ttft_slo_s": 4.0, "slo_slack_s": 1.5,
+         "chunks": [{"start_token": 0, "end_token": 32768, "instances": [0, 1],
+                     "start_s": 0.0, "end_s": 1.5},
+                    {"start_token": 32768, "end_token": 65536, "instances": [0, 1, 2, 3],
+                     "start_s": 1.5, "end_s": 2.5}]},
+        {"request_id": "cmpl-b", "arrival_s": -0.5, "prompt_tokens": 4096, "prefill_end_s": 3.0,
+         "ttft_s": 3.5, "ttft_slo_s": 2.0, "slo_slack_s": -1.5,
+         "chunks": [{"start_token": 0, "end_token": 4096, "instances": [2, 3],
+                     "start_s": 2.5, "end_s": 3.0}]},
+    ],
+    "engine_extra": {"ignored": True},  # readers must ignore fields they do not know
+}
+
+
+@pytest.fixture
+def plan_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A tiny HTTP server on 127.0.0.1: /good serves SERVED_PLAN, /bad a non-plan, else 404."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            bodies = {"/good/v1/tetris/plan": SERVED_PLAN, "/bad/v1/tetris/plan": {"plans": []}}
+            if self.path not in bodies:
+                self.send_error(404)
+                return
+            body = json.dumps(bodies[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:  # keep test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_from_server_table_json_and_gantt(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, plan_server: str
+) -> None:
+    """--from-server prints the live plan like a local one (table, JSON) and draws its Gantt."""
+    gantt = tmp_path / "live.png"
+    assert main(["plan", "--from-server", f"{plan_server}/good", "--gantt", str(gantt)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("solver cp: feasible, 4.0 ms, objective 2.5000, bound 2.0000")
+    assert f"live plan of {plan_server}/good; availability (s): 0 0 1.5 1.5" in out
+    for needle in ("Chunks", "Requests", "cmpl-a", "0-32768", "32768-65536", "0-3", "MISSED",
+                   f"Gantt chart written to {gantt}"):
+        assert needle in out
+    assert gantt.stat().st_size > 10_000
+
+    # An OpenAI base URL (".../v1") works too; JSON is the served plan, extras kept.
+    assert main(["plan", "--from-server", f"{plan_server}/good/v1/", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out) == SERVED_PLAN
+
+
+def test_from_server_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, plan_server: str
+) -> None:
+    """Unreachable servers, HTTP errors, non-plans and non-URLs are one line and exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    cases = {
+        f"http://127.0.0.1:{closed_port}": "cannot reach",
+        f"{plan_server}/missing": "HTTP 404",
+        f"{plan_server}/bad": "did not return a plan",
+        "127.0.0.1:8000": "expected an http:// or https:// URL",
+    }
+    for url, needle in cases.items():
+        line = run_bad(capsys, "plan", "--from-server", url, "--gantt", str(tmp_path / "x.svg"))
+        assert "--from-server" in line and needle in line, line
+    assert "not allowed with" in run_bad(capsys, "plan", "--from-server", plan_server,
+                                         "--request", "1024")
+    assert not list(tmp_path.iterdir())

@@ -21,7 +21,16 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from tetris import __version__
-from tetris.cli import bench_cmd, generate_cmd, model_cmd, plan_cmd, simulate_cmd, whatif_cmd
+from tetris.cli import (
+    bench_cmd,
+    generate_cmd,
+    model_cmd,
+    plan_cmd,
+    profile_cmd,
+    serve_cmd,
+    simulate_cmd,
+    whatif_cmd,
+)
 from tetris.cli.errors import EXIT_USAGE, one_line
 
 PROG = "tetris"
@@ -35,6 +44,8 @@ REGISTRARS: list[Registrar] = [
     generate_cmd.register,
     simulate_cmd.register,
     whatif_cmd.register,
+    profile_cmd.register,
+    serve_cmd.register,
 ]
 
 

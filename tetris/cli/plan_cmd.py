@@ -2,15 +2,19 @@
 
 Times are seconds from now (now = 0): `--availability` says when each prefill instance is free of
 committed work, request arrivals may lie ahead. The plan comes out as a table, the JSON contract
-of `tetris.solver.plan_json`, and optionally a Gantt chart of instances × time.
+of `tetris.solver.plan_json`, and optionally a Gantt chart of instances × time. With
+`--from-server URL` it is the live plan of a running `tetris serve` instead, shown the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.hardware import load_hardware
 from tetris.solver.model_spec import ModelSpec, load_model_spec
+from tetris.solver.plan import SolveStatus
 from tetris.solver.plan_json import PlanReport, report_from_result
 from tetris.solver.problem import DEFAULT_BLOCK_TOKENS, PendingRequest, Problem
 from tetris.solver.request import SloSpec
@@ -38,9 +43,13 @@ SOLVERS = tuple(PLANNERS)
 GANTT_SUFFIXES = (".png", ".svg")
 DEFAULT_TTFT_SLO_SCALE = 5.0
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   tetris plan --prefill-instances 8 --availability 0,0,0,3,3,3,3,3 \\
-      --request 131072 --request 8192@0.5 --gantt plan.png"""
+      --request 131072 --request 8192@0.5 --gantt plan.png
+  tetris plan --from-server http://127.0.0.1:8000 --gantt live.svg"""
+
+PLAN_PATH = "/v1/tetris/plan"
+FETCH_TIMEOUT_S = 10.0
 
 
 _availability = comma_list(nonnegative_float)
@@ -105,6 +114,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     one.add_argument(
         "--requests", type=Path, metavar="FILE.jsonl",
         help="one JSON object a line: prompt_tokens, optional arrival_s, request_id, ttft_slo_s",
+    )
+    one.add_argument(
+        "--from-server", metavar="URL",
+        help=f"show the live plan of a running `tetris serve` (GET URL{PLAN_PATH}) instead of "
+        "solving; cluster and solver options do not apply, --gpus-per-node only draws nodes",
     )
     slo = g.add_mutually_exclusive_group()
     slo.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
@@ -274,34 +288,70 @@ def run(args: argparse.Namespace) -> int:
     if gantt is not None and not gantt.parent.is_dir():
         # Checked before solving, so a typo does not cost a long MILP run.
         raise UsageError(f"--gantt: directory {gantt.parent} does not exist")
+    if args.from_server is not None:
+        base, report = fetch_plan(args.from_server)
+        return show(report, args, f"live plan of {base}", args.gpus_per_node)
     problem = build_problem(args)
     # Imported here: the solvers pull in OR-Tools and PuLP, which `tetris --version` needs not.
     from tetris.solver.api import solve
 
     result = solve(problem, args.solver, args.time_limit_ms)
-    report = report_from_result(problem, result)
+    cm = problem.cost_model
+    setting = f"{cm.model.name} on {problem.num_instances} × {cm.hardware.name}"
+    return show(report_from_result(problem, result), args, setting, cm.cluster.gpus_per_node)
+
+
+def show(report: PlanReport, args: argparse.Namespace, setting: str, gpus_per_node: int) -> int:
+    """Print the plan (table or JSON) and draw --gantt; 1 if the solver found no plan.
+    `setting` says what was planned: the cluster, or the server the plan came from."""
     if args.format == "json":
         print(report.model_dump_json())
     else:
-        print_table(report, problem)
-    if not result.status.has_plans:
-        print(f"tetris: solver {result.solver} found no plan: {result.status.value}",
-              file=sys.stderr)
+        print_table(report, setting)
+    s = report.solver
+    if not SolveStatus(s.status).has_plans:
+        print(f"tetris: solver {s.name} found no plan: {s.status}", file=sys.stderr)
         return 1
+    gantt: Path | None = args.gantt
     if gantt is not None:
         from tetris.evaluation.gantt import draw_gantt
 
-        model = problem.cost_model.model.name
-        hw = problem.cost_model.hardware.name
-        title = (f"{model} on {problem.num_instances}× {hw}: {len(report.plans)} requests, "
-                 f"solver {result.solver} ({result.status.value})")
+        title = f"{setting}: {len(report.plans)} requests, solver {s.name} ({s.status})"
         try:
-            draw_gantt(report, gantt, title, gpus_per_node=problem.cost_model.cluster.gpus_per_node)
+            draw_gantt(report, gantt, title, gpus_per_node=gpus_per_node)
         except OSError as err:
             raise UsageError(f"--gantt: cannot write {gantt}: {one_line(err)}") from None
         if args.format != "json":
             print(f"Gantt chart written to {gantt}")
     return 0
+
+
+def fetch_plan(server: str, timeout_s: float = FETCH_TIMEOUT_S) -> tuple[str, PlanReport]:
+    """GET the live plan; every failure is one UsageError line. Returns (server URL, plan)."""
+    if not server.startswith(("http://", "https://")):
+        raise UsageError(f"--from-server: expected an http:// or https:// URL, got {server!r}")
+    # An OpenAI base URL (".../v1") is what users of the API have at hand.
+    base = server.rstrip("/").removesuffix("/v1")
+    url = base + PLAN_PATH
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:
+        raise UsageError(f"--from-server: {url} answered HTTP {err.code} {err.reason}") from None
+    except urllib.error.URLError as err:
+        raise UsageError(f"--from-server: cannot reach {url}: {_reason_text(err.reason)}"
+                         ) from None
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        raise UsageError(f"--from-server: cannot reach {url}: {_reason_text(err)}") from None
+    try:
+        return base, PlanReport.model_validate_json(body)
+    except ValidationError as err:
+        raise UsageError(f"--from-server: {url} did not return a plan: {one_line(err)}"
+                         ) from None
+
+
+def _reason_text(reason: object) -> str:
+    return one_line(reason) if isinstance(reason, BaseException) else " ".join(str(reason).split())
 
 
 # -- table output ------------------------------------------------------------------------------
@@ -324,7 +374,7 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def print_table(report: PlanReport, problem: Problem) -> None:
+def print_table(report: PlanReport, setting: str) -> None:
     from rich import box
     from rich.console import Console
     from rich.markup import escape
@@ -339,12 +389,8 @@ def print_table(report: PlanReport, problem: Problem) -> None:
     line = (f"solver [bold]{s.name}[/]: {s.status}, {s.wall_ms:.1f} ms, "
             f"objective {_num(s.objective, 4)}, bound {_num(s.bound, 4)}")
     console.print(line + (f"  ({extras})" if extras else ""), soft_wrap=True)
-    cm = problem.cost_model
-    console.print(
-        f"{cm.model.name} on {problem.num_instances} × {cm.hardware.name}; availability (s): "
-        + " ".join(f"{a:g}" for a in report.availability_s),
-        soft_wrap=True,
-    )
+    availability = " ".join(f"{a:g}" for a in report.availability_s)
+    console.print(f"{escape(setting)}; availability (s): {availability}", soft_wrap=True)
     if not report.plans:
         return
     chunks = Table(title="Chunks", box=box.SIMPLE_HEAD, title_justify="left")

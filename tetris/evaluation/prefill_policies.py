@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tetris.evaluation.refinement import (
@@ -30,7 +30,7 @@ from tetris.evaluation.refinement import (
 from tetris.solver.api import solve
 from tetris.solver.cp_sat import CpOptions
 from tetris.solver.objective import gpu_cost_weight_for_load
-from tetris.solver.plan import ChunkPlan, RequestPlan, SolveStatus
+from tetris.solver.plan import ChunkPlan, RequestPlan, SolveResult, SolveStatus
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.validator import ensure_valid
 
@@ -77,6 +77,10 @@ class Decision:
     solver_s: float = 0.0
     plans_validated: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    # The plan behind the launches (receding horizon: the rest is re-planned later); what the
+    # runtime shows at /v1/tetris/plan.
+    problem: Problem | None = None
+    result: SolveResult | None = None
 
 
 class PrefillPolicy(Protocol):
@@ -188,7 +192,8 @@ class CdspPolicy:
             after = problem_after(problem, running, launch_s)
             if self._refiner.start(after):
                 stats["refinements"] = 1
-        return Decision(launches, solver_s=solver_s, plans_validated=validated, stats=stats)
+        return Decision(launches, solver_s=solver_s, plans_validated=validated, stats=stats,
+                        problem=problem, result=replace(result, plans=tuple(plans)))
 
     def _time_slice(self, problem: Problem, launches: list[Launch], quantum_s: float,
                     plans: dict[str, RequestPlan]) -> tuple[list[Launch], int]:

@@ -9,7 +9,6 @@ plain function of picklable arguments, so both back-ends run the same code.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -208,20 +207,9 @@ def run_parallel(tasks: Sequence[Task], *, jobs: int = 1, ray_address: str | Non
 
 
 def _run_ray(tasks: Sequence[Task], address: str) -> Iterator[tuple[int, Any]]:
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("--ray-address needs Ray: pip install 'ray[default]'") from None
-    if not ray.is_initialized():
-        if address == "local":
-            # A private single-node cluster: loopback only, no dashboard (measured: without
-            # these Ray binds to the machine's network address).
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1,
-                     _node_ip_address="127.0.0.1", log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+    from tetris.runtime.ray_session import init_ray
+
+    ray = init_ray(address)
     remote = ray.remote(num_cpus=1)(_call)
     refs = {remote.remote(fn, args): i for i, (fn, args) in enumerate(tasks)}
     pending = list(refs)

@@ -84,3 +84,18 @@ def zigzag_positions(chunk: ChunkSpec, rank: int) -> torch.Tensor:
     for piece in (index, pieces - 1 - index):
         mine.append(torch.arange(bounds[piece], bounds[piece + 1], dtype=torch.int64))
     return torch.cat(mine)
+
+
+def tokens_on_rank(chunk: ChunkSpec, rank: int) -> int:
+    """How many of `chunk`'s tokens `rank` computes (and keeps the KV of): the size of
+    `zigzag_positions(chunk, rank)`, without building it."""
+    if rank not in chunk.ranks:
+        return 0
+    index = chunk.ranks.index(rank)
+    pieces = 2 * chunk.sp
+
+    def bound(j: int) -> int:
+        return chunk.start_token + chunk.tokens * j // pieces
+
+    back = pieces - 1 - index
+    return bound(index + 1) - bound(index) + bound(back + 1) - bound(back)

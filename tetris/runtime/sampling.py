@@ -27,11 +27,18 @@ class SamplingParams:
 class Sampler:
     """One per request, so a seed makes that request's samples reproducible."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, state: torch.Tensor | None = None) -> None:
+        """`state`: a generator state from `state()` (a request's sampling moving from its
+        prefill instance to its decode instance continues the same random stream)."""
         self.params = params
         self.generator = torch.Generator()
-        if params.seed is not None:
+        if state is not None:
+            self.generator.set_state(state)
+        elif params.seed is not None:
             self.generator.manual_seed(params.seed)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [vocab] (any float dtype)."""

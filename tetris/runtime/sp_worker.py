@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tetris.kernels.group import group_attention
-from tetris.models.kv_cache import KVCache
+from tetris.models.kv_cache import KVCache, LocalAttend
 from tetris.models.llama import LlamaModel
 from tetris.runtime.chunking import ChunkSpec, zigzag_positions
 
@@ -47,10 +47,15 @@ class SPWorker:
         self.cache = cache
         self.groups = groups
 
-    def _attend(self, request_id: str, ranks: tuple[int, ...], strategy: str) -> GroupAttend:
-        if ranks not in self.groups:
-            raise ValueError(f"no process group for ranks {ranks}")
-        return GroupAttend(self.cache, request_id, self.groups[ranks], strategy)
+    def _attend(self, request_id: str, ranks: tuple[int, ...],
+                strategy: str) -> GroupAttend | LocalAttend:
+        if len(ranks) == 1:
+            return LocalAttend(self.cache, request_id)  # alone: no group, no collective
+        try:
+            group = self.groups[ranks]
+        except KeyError:
+            raise ValueError(f"no process group for ranks {ranks}") from None
+        return GroupAttend(self.cache, request_id, group, strategy)
 
     def _reserve(self, request_id: str, tokens: int) -> None:
         if tokens and not self.cache.can_allocate(tokens):

@@ -1,0 +1,104 @@
+"""The runtime's Ray actors on the embedded SmolLM2: a hand-given 3-chunk plan with SP growing
+1→2, its KV moved to decode actors, and decode with the KV over 2 decode actors — greedy output
+equal to HF transformers' on the same weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tetris.runtime.actors import WorkerPool
+from tetris.runtime.batch_attend import DecodeEntry
+from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
+from tetris.runtime.kv_moves import plan_kv_moves
+from tetris.runtime.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 12
+TEXT = ("Rivers carry water from the mountains to the sea, shaping valleys and plains on the "
+        "way. Along their banks people built farms, mills and towns. ")
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session: Any, smollm2_dir: Path) -> Iterator[WorkerPool]:
+    p = WorkerPool.start(ray_session, smollm2_dir, 2, 2, prefill_kv_tokens=4096,
+                         decode_kv_tokens=4096)
+    yield p
+    p.shutdown(ray_session)
+
+
+@pytest.fixture(scope="module")
+def prompt_and_reference(smollm2_dir: Path) -> tuple[list[int], list[int]]:
+    from tetris.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    prompt = tok.encode(TEXT * 12 + "Summarize:")
+    torch.set_num_threads(1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                          eos_token_id=sorted(tok.eos_ids), pad_token_id=sorted(tok.eos_ids)[0])
+    return prompt, out[0, len(prompt):].tolist()
+
+
+def run_plan(ray: Any, pool: WorkerPool, rid: str, prompt: list[int], chunks: list[ChunkSpec],
+             decode_instances: tuple[int, ...], rooms: tuple[int, ...]) -> list[int]:
+    """Drive the actors as the engine does: chunks on their groups, the KV moved to the decode
+    ranks, then one decode step at a time."""
+    sampling = SamplingParams(max_tokens=NEW_TOKENS)
+    first = None
+    for i, chunk in enumerate(chunks):
+        pool.ensure_group(chunk.ranks)
+        last = i == len(chunks) - 1
+        results = ray.get([pool.prefill[r].prefill.remote(
+            rid, chunk, prompt[chunk.start_token:chunk.end_token], sampling if last else None)
+            for r in chunk.ranks])
+        first = next((r for r in results if r.first_token is not None), first)
+    assert first is not None
+    held = {r: sum(tokens_on_rank(c, r) for c in chunks) for r in chunks[-1].ranks}
+    dests = tuple(pool.num_prefill + j for j in decode_instances)
+    moves, reserve = plan_kv_moves(held, dests, rooms, NEW_TOKENS - 1)
+    ray.get([pool.prefill[r].send_kv.remote(rid, moves) for r in held]
+            + [pool.actor(d).recv_kv.remote(rid, moves, n, *((sampling, first.sampler_state)
+                                                             if k == 0 else ()))
+               for k, (d, n) in enumerate(zip(dests, reserve, strict=True))])
+    # The prefill KV was handed over and freed.
+    assert ray.get([pool.prefill[r].free_tokens.remote() for r in held]) == \
+        [pool.prefill_kv_tokens] * len(held)
+    pool.ensure_group(dests)
+    tokens = [first.first_token]
+    while len(tokens) < NEW_TOKENS:
+        entry = DecodeEntry(rid, tokens[-1], len(prompt) + len(tokens) - 1, dests[0], dests)
+        answers = ray.get([pool.actor(d).decode_step.remote([entry]) for d in dests])
+        tokens.append(answers[0][rid])
+    ray.get([pool.actor(d).free.remote(rid) for d in dests])
+    return tokens
+
+
+def test_three_chunks_sp_growing_1_to_2_match_hf(ray_session: Any, pool: WorkerPool,
+                                                 prompt_and_reference: tuple[list[int],
+                                                                             list[int]]) -> None:
+    """Chunks [0,100) on {0}, [100,250) on {0,1}, rest on {0,1}; decode on one decode actor."""
+    prompt, expected = prompt_and_reference
+    n = len(prompt)
+    assert n > 300
+    chunks = [ChunkSpec(0, 100, (0,)), ChunkSpec(100, 250, (0, 1)), ChunkSpec(250, n, (0, 1))]
+    got = run_plan(ray_session, pool, "three-chunks", prompt, chunks, (0,), (4096,))
+    assert got[:len(expected)] == expected
+
+
+def test_decode_with_kv_over_two_decode_actors_matches_hf(
+        ray_session: Any, pool: WorkerPool,
+        prompt_and_reference: tuple[list[int], list[int]]) -> None:
+    """Prefill on {1} then {1,0}; the KV split over decode actors 0 and 1 (room on the
+    non-lead for 200 tokens only), every decode step attending across both."""
+    prompt, expected = prompt_and_reference
+    n = len(prompt)
+    chunks = [ChunkSpec(0, 150, (1,)), ChunkSpec(150, n, (1, 0))]
+    got = run_plan(ray_session, pool, "split-decode", prompt, chunks, (1, 0), (4096, 200))
+    assert got[:len(expected)] == expected

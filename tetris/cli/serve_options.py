@@ -1,0 +1,58 @@
+"""Flags shared by `tetris serve` and `tetris profile`: one `ServeConfig`, from flags and/or a
+JSON `--config` file (flags given on the command line win over the file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tetris.cli.errors import UsageError, for_option
+from tetris.runtime.serve_config import ServeConfig
+
+# flag dest -> ServeConfig field
+FLAGS = {
+    "model": "model", "served_model_name": "served_model_name", "host": "host", "port": "port",
+    "ray_address": "ray_address", "prefill_instances": "prefill_instances",
+    "decode_instances": "decode_instances", "device": "device",
+    "kv_tokens": "kv_tokens_per_instance", "max_queue": "max_queue",
+    "solver": "solver", "calibration": "calibration", "hardware": "hardware",
+}
+
+
+def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    g = p.add_argument_group("deployment (defaults: ServeConfig)")
+    g.add_argument("--config", type=Path, help="ServeConfig JSON file")
+    g.add_argument("--model", help="embedded model (smollm2, the default) or an HF "
+                   "Llama-family checkpoint directory")
+    g.add_argument("--ray-address", help="join this Ray cluster (default: a private local "
+                   "one on 127.0.0.1)")
+    g.add_argument("--prefill-instances", type=int, help="default 2")
+    g.add_argument("--decode-instances", type=int, help="default 1")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--kv-tokens", type=int, help="KV cache tokens per instance")
+    g.add_argument("--hardware", help="GPU preset or HardwareSpec JSON (GPU only)")
+    g.add_argument("--calibration", help="calibration JSON from `tetris profile`")
+    if serving:
+        g.add_argument("--served-model-name", help="the model name clients send")
+        g.add_argument("--host", help="default 127.0.0.1")
+        g.add_argument("--port", type=int, help="default 8000")
+        g.add_argument("--max-queue", type=int, help="bound on admitted, unfinished requests; beyond it 429")
+        g.add_argument("--solver", choices=["greedy", "cp", "milp"])
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            data = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"--config {args.config}: {err}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {args.config}: expected a JSON object")
+    for dest, name in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            data[name] = value
+    return for_option("--config/flags", ServeConfig.model_validate, data)

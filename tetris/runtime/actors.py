@@ -1,0 +1,100 @@
+"""The Ray actors of a serving cluster: one `InstanceWorker` per instance, prefill then decode.
+
+World rank r < P is prefill instance r (the planners' instance index); rank P + j is decode
+instance j. Actors ask for one GPU each when `device` is CUDA; on CPU they take no CPU slot
+(`num_cpus=0`, one torch thread each), so a 2-core machine can hold several.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tetris.runtime.worker import InstanceWorker, WorkerConfig
+
+SETUP_TIMEOUT_S = 600.0
+
+
+def _rendezvous() -> tuple[str, int]:
+    """This node's address and a free port on it, for the world's TCP store (rank 0 hosts it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    import ray
+
+    address = (str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+               if ray.is_initialized() else "127.0.0.1")
+    return address, port
+
+
+class _Actor(InstanceWorker):
+    """The actor class: the worker plus the rendezvous query rank 0 answers."""
+
+    def rendezvous(self, local: bool) -> tuple[str, int]:
+        address, port = _rendezvous()
+        return ("127.0.0.1" if local else address), port
+
+
+@dataclass
+class WorkerPool:
+    prefill: list[Any]
+    decode: list[Any]
+    prefill_kv_tokens: int
+    decode_kv_tokens: int
+    groups: set[tuple[int, ...]] = field(default_factory=set)
+
+    @property
+    def num_prefill(self) -> int:
+        return len(self.prefill)
+
+    def actor(self, rank: int) -> Any:
+        return self.prefill[rank] if rank < self.num_prefill else self.decode[rank -
+                                                                               self.num_prefill]
+
+    @property
+    def all(self) -> list[Any]:
+        return [*self.prefill, *self.decode]
+
+    @classmethod
+    def start(cls, ray: Any, model_dir: Path, prefill_instances: int, decode_instances: int,
+              *, prefill_kv_tokens: int, decode_kv_tokens: int, device: str = "cpu",
+              threads: int = 1, local: bool = True) -> WorkerPool:
+        """Create and set up every actor (model loaded, world joined); `local`: the cluster is
+        this machine, so the data plane stays on loopback."""
+        if prefill_instances < 1 or decode_instances < 1:
+            raise ValueError("a serving cluster needs at least one prefill and one decode "
+                             "instance")
+        gpu = device.startswith("cuda")
+        remote = ray.remote(num_gpus=1, num_cpus=0)(_Actor) if gpu else \
+            ray.remote(num_cpus=0)(_Actor)
+        world = prefill_instances + decode_instances
+        # Rank 0's address and port are only known once it is placed.
+        configs = [WorkerConfig(rank=r, world_size=world, model_dir=model_dir,
+                                kv_tokens=prefill_kv_tokens if r < prefill_instances
+                                else decode_kv_tokens,
+                                threads=threads, device="cuda" if gpu else device)
+                   for r in range(world)]
+        first = remote.remote(configs[0])
+        address, port = ray.get(first.rendezvous.remote(local), timeout=SETUP_TIMEOUT_S)
+        actors = [first] + [remote.remote(c) for c in configs[1:]]
+        pool = cls(actors[:prefill_instances], actors[prefill_instances:],
+                   prefill_kv_tokens, decode_kv_tokens)
+        try:
+            ray.get([a.setup.remote(address, port) for a in actors], timeout=SETUP_TIMEOUT_S)
+        except BaseException:
+            pool.shutdown(ray)
+            raise
+        return pool
+
+    def ensure_group(self, ranks: tuple[int, ...]) -> None:
+        """Make the process group of `ranks` exist before any call that uses it is sent."""
+        if len(ranks) > 1 and ranks not in self.groups:
+            self.groups.add(ranks)
+            for actor in self.all:
+                actor.create_group.remote(ranks)
+
+    def shutdown(self, ray: Any) -> None:
+        for actor in self.all:
+            ray.kill(actor, no_restart=True)

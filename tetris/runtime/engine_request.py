@@ -1,0 +1,127 @@
+"""One request inside the engine: its progress through prefill and decode, and its output stream.
+
+The engine's scheduling loop is the only writer; the HTTP side reads the stream (an asyncio
+queue of `TokenEvent`s) and may cancel. Plain dataclass: it is touched on every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tetris.runtime.detokenize import Detokenizer
+from tetris.runtime.engine_api import (
+    ChunkRun,
+    FinishReason,
+    GenerationRequest,
+    RequestSummary,
+    TokenEvent,
+)
+from tetris.runtime.kv_moves import KVMove
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # no chunk started yet
+    PREFILL = "prefill"  # some chunks done or running
+    TO_DECODE = "to_decode"  # prefilled, waiting for decode room
+    DECODE = "decode"
+    DONE = "done"
+
+
+class EngineError(RuntimeError):
+    """The engine failed this request (a worker raised); the stream re-raises it."""
+
+
+@dataclass
+class EngineRequest:
+    request: GenerationRequest
+    arrival_s: float  # engine clock
+    arrival_wall: float  # time.monotonic(), for latency metrics
+    ttft_slo_s: float
+    detok: Detokenizer
+    eos_ids: frozenset[int]
+    summary: RequestSummary
+    phase: Phase = Phase.WAITING
+    prefilled: int = 0
+    kv_instances: tuple[int, ...] = ()
+    chunk_running: bool = False
+    planned_ready_s: float = 0.0
+    chunk_started: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    last_token_wall: float = 0.0
+    first_chunk_wall: float | None = None
+    sampler_state: object | None = None
+    decode_ranks: tuple[int, ...] = ()  # world ranks, lead first
+    decode_shares: tuple[int, ...] = ()
+    kv_moves: tuple[KVMove, ...] = ()
+    cancelled: bool = False
+    events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    def add_tokens(self, token_ids: list[int]) -> FinishReason | None:
+        """Record new output tokens and push their event; returns the finish reason when this
+        ends the request (EOS, a stop string or max_tokens)."""
+        self.output.extend(token_ids)
+        self.summary.completion_tokens = len(self.output)
+        self.summary.token_ids = self.output
+        finish: FinishReason | None = None
+        if self.output[-1] in self.eos_ids:
+            finish = "stop"
+        elif len(self.output) >= self.request.sampling.max_tokens:
+            finish = "length"
+        visible = [t for t in token_ids if t not in self.eos_ids]
+        text = self.detok.add(visible, final=finish is not None)
+        if self.detok.stopped:
+            finish = "stop"
+        self.events.put_nowait(TokenEvent(tuple(token_ids), text, finish))
+        self.last_token_wall = time.monotonic()
+        return finish
+
+    def finish(self, reason: FinishReason) -> None:
+        """End the stream without new tokens (cancel, or a stop found elsewhere)."""
+        if self.phase is not Phase.DONE:
+            self.phase = Phase.DONE
+            self.events.put_nowait(TokenEvent((), "", reason))
+
+    def fail(self, message: str) -> None:
+        if self.phase is not Phase.DONE:
+            self.phase = Phase.DONE
+            self.events.put_nowait(EngineError(message))
+
+    def record_chunk(self, start: int, end: int, instances: tuple[int, ...],
+                     seconds: float) -> None:
+        self.summary.chunks.append(ChunkRun(start, end, instances, seconds))
+
+
+@dataclass
+class Stream:
+    """The `RequestStream` handed to the HTTP side."""
+
+    state: EngineRequest
+    on_cancel: Callable[[EngineRequest], Awaitable[None]]
+
+    @property
+    def summary(self) -> RequestSummary:
+        return self.state.summary
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self.state.events.get()
+            if isinstance(event, EngineError):
+                raise event
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def cancel(self) -> None:
+        await self.on_cancel(self.state)

@@ -1,0 +1,105 @@
+"""`tetris serve` settings (CLI flags or a JSON `--config` file) and the cost model they imply.
+
+On GPUs the cost model starts from the hardware preset's datasheet figures; on a CPU host there
+is no datasheet, so the coefficients must be measured: a calibration written by `tetris
+profile`, or the one shipped for the embedded model (measured with `tetris profile` on a
+2-core machine; re-run it on yours for better plans).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tetris.solver.calibration import Calibration
+from tetris.solver.cluster import ClusterSpec
+from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostModel
+from tetris.solver.hardware import HardwareSpec, load_hardware
+from tetris.solver.model_spec import ModelSpec
+from tetris.solver.request import SloSpec
+
+SHIPPED_CALIBRATIONS = Path(__file__).parent / "calibrations"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="smollm2", description="embedded model name or an HF "
+                       "Llama-family checkpoint directory")
+    served_model_name: str | None = Field(default=None, description="the `model` clients "
+                                          "send (default: the model's directory name)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    ray_address: str | None = Field(default=None, description="join this Ray cluster "
+                                    "(default: start a private one on 127.0.0.1)")
+    prefill_instances: int = Field(default=2, ge=1)
+    decode_instances: int = Field(default=1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_instance: int = Field(default=1, ge=1)
+    kv_tokens_per_instance: int = Field(default=16384, ge=16)
+    decode_kv_tokens_per_instance: int | None = Field(default=None, ge=16)
+    max_queue: int = Field(default=64, ge=1, description="bound on the requests admitted and "
+                           "not finished (waiting, prefilling or decoding); beyond it 429")
+    decode_max_batch: int = Field(default=32, ge=1)
+    decode_max_sp: int = Field(default=2, ge=1)
+    solver: Literal["greedy", "cp", "milp"] = "greedy"
+    time_limit_ms: float = Field(default=20.0, gt=0)
+    block_tokens: int = Field(default=64, ge=1)
+    quantum_s: float | Literal["auto"] | None = "auto"
+    max_chunks: int | None = Field(default=None, ge=1)
+    max_sp: int | None = Field(default=None, ge=1)
+    slo: SloSpec = Field(default_factory=lambda: SloSpec(ttft_scale=5.0))
+    hardware: str = Field(default="h100", description="GPU preset or HardwareSpec JSON "
+                          "(GPU only; a CPU host is described by its calibration)")
+    calibration: str | None = Field(default=None, description="calibration JSON from "
+                                    "`tetris profile`")
+
+    @model_validator(mode="after")
+    def _fits_groups(self) -> ServeConfig:
+        if self.max_sp is not None and self.max_sp > self.prefill_instances:
+            raise ValueError(f"max_sp {self.max_sp} exceeds the {self.prefill_instances} "
+                             "prefill instances")
+        return self
+
+    @property
+    def decode_kv_tokens(self) -> int:
+        return self.decode_kv_tokens_per_instance or self.kv_tokens_per_instance
+
+
+def shipped_calibration(model: ModelSpec) -> Path | None:
+    path = SHIPPED_CALIBRATIONS / f"cpu-{model.name}.json"
+    return path if path.is_file() else None
+
+
+def host_hardware(model: ModelSpec, kv_tokens: int) -> HardwareSpec:
+    """A CPU host as the cost model needs it: only its memory matters once the coefficients
+    are calibrated (the rest feed the datasheet defaults, which a calibration replaces), and
+    the memory is what the runtime gives each instance: the weights plus `kv_tokens` of KV."""
+    memory = (model.weight_bytes + (kv_tokens + 0.5) * model.kv_bytes_per_token) / DEFAULT_MEM_UTIL
+    return HardwareSpec(name="cpu", peak_flops=1.0, hbm_bytes=memory, hbm_bandwidth=1.0,
+                        intra_node_bandwidth=1.0, inter_node_bandwidth=1.0)
+
+
+def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str) -> CostModel:
+    """The planners' cost model for this deployment: one node holding every instance."""
+    cluster = ClusterSpec(prefill_instances=config.prefill_instances,
+                          decode_instances=config.decode_instances,
+                          gpus_per_node=config.prefill_instances + config.decode_instances)
+    calibration_path: str | Path | None = config.calibration
+    if device == "cpu":
+        calibration_path = calibration_path or shipped_calibration(model)
+        if calibration_path is None:
+            raise ValueError(f"no calibration for {model.name} on this CPU host: run "
+                             "`tetris profile --model ...` and pass --calibration FILE")
+        hardware = host_hardware(model, config.kv_tokens_per_instance)
+    else:
+        hardware = load_hardware(config.hardware)
+    coefficients = (Calibration.load(calibration_path).coefficients
+                    if calibration_path is not None else None)
+    cost = CostModel(model, hardware, cluster, coefficients)
+    if device == "cpu":
+        # Planners keep each request's KV share within what an instance can hold.
+        assert cost.kv_capacity_tokens <= config.kv_tokens_per_instance
+    return cost

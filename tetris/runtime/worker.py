@@ -1,0 +1,189 @@
+"""One instance of the runtime: a model replica, its KV cache and its place in the data plane.
+
+Hosted by a Ray actor (`actors.py`), one per instance; rank r of one torch.distributed world
+spanning every instance (prefill ranks first, then decode). Collectives and point-to-point
+transfers are issued by the engine from one thread, and each actor runs its calls in the order
+they were submitted, so every group sees its operations in one global order (no deadlock).
+
+- Prefill: `SPWorker.prefill` on the chunk's group. Process groups are created on first use,
+  by every rank in the same order (`create_group`, sent to all actors by the pool): torch names
+  a group by how many this process has created, so members creating groups on their own would
+  disagree on names (measured: `use_local_synchronization` hung for that reason).
+- KV transfer prefill → decode: gloo/NCCL point-to-point, one packed tensor per move
+  (`benchmarks/kv_transfer_cpu.py` measured it 3–5× faster than Ray's object store here).
+- Decode: continuous batching (`decode_step`) over every request this rank leads or lends KV to.
+- KV space is checked then taken: `can_allocate` answers, `allocate` raises MemoryError if the
+  room is gone, and nothing is written before the room is taken.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tetris.models.kv_cache import KVCache
+from tetris.runtime.batch_attend import BatchAttend, DecodeEntry
+from tetris.runtime.chunking import ChunkSpec
+from tetris.runtime.kv_moves import KVMove
+from tetris.runtime.sampling import Sampler, SamplingParams
+from tetris.runtime.sp_worker import SPWorker
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    rank: int
+    world_size: int
+    model_dir: Path
+    kv_tokens: int
+    threads: int = 1
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    seconds: float
+    # Only on the rank that computed the prompt's last token, after the last chunk:
+    first_token: int | None = None
+    sampler_state: torch.Tensor | None = None
+
+
+class InstanceWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.sp: SPWorker | None = None
+        self.samplers: dict[str, Sampler] = {}
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the world (every instance calls this at once; rank 0 hosts the store at
+        `master_addr:master_port`) and load the model."""
+        from tetris.models.weights import load_model
+
+        c = self.config
+        torch.set_num_threads(c.threads)
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if c.device == "cpu":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        backend = "nccl" if c.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, rank=c.rank, world_size=c.world_size)
+        model = load_model(c.model_dir, device=c.device)
+        mc = model.config
+        cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.float32,
+                        torch.device(c.device), c.kv_tokens)
+        self.sp = SPWorker(c.rank, model, cache, {})
+        return {"rank": c.rank, "kv_tokens": c.kv_tokens, "pid": os.getpid()}
+
+    def create_group(self, ranks: tuple[int, ...]) -> None:
+        """Called on every rank, in one order; non-members only keep the count in step."""
+        group = dist.new_group(list(ranks))
+        if self.config.rank in ranks:
+            self._sp.groups[ranks] = group
+
+    @property
+    def _sp(self) -> SPWorker:
+        if self.sp is None:
+            raise RuntimeError("worker not set up")
+        return self.sp
+
+    # -- KV space ---------------------------------------------------------------------------
+    def can_allocate(self, tokens: int) -> bool:
+        return self._sp.cache.can_allocate(tokens)
+
+    def allocate(self, request_id: str, tokens: int) -> None:
+        """Take room for `tokens` more KV tokens of the request; MemoryError if it is gone."""
+        cache = self._sp.cache
+        if not cache.can_allocate(tokens):
+            raise MemoryError(f"rank {self.config.rank}: no KV room for {tokens} tokens of "
+                              f"{request_id!r} ({cache.num_free_tokens} free)")
+        cache.allocate(request_id, tokens)
+
+    def free_tokens(self) -> int:
+        return self._sp.cache.num_free_tokens
+
+    def free(self, request_id: str) -> None:
+        self._sp.free(request_id)
+        self.samplers.pop(request_id, None)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def prefill(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
+                sampling: SamplingParams | None) -> PrefillResult:
+        """This rank's share of `chunk`; `sampling` is given for the prompt's last chunk, and
+        the rank holding the last token samples the first output token."""
+        started = time.perf_counter()
+        logits = self._sp.prefill(request_id, chunk, list(chunk_ids), sampling is not None)
+        seconds = time.perf_counter() - started
+        if logits is None or sampling is None:
+            return PrefillResult(seconds)
+        sampler = Sampler(sampling)
+        token = sampler(logits)
+        return PrefillResult(seconds, token, sampler.state())
+
+    # -- KV transfer ------------------------------------------------------------------------
+    def send_kv(self, request_id: str, moves: Sequence[KVMove]) -> None:
+        """Send this rank's KV of the request, move by move, then free it here."""
+        cache = self._sp.cache
+        layers = range(cache.num_layers)
+        offset = 0
+        for move in moves:
+            if move.source != self.config.rank:
+                continue
+            end = offset + move.tokens
+            k = torch.stack([cache.get(request_id, layer)[0][offset:end] for layer in layers])
+            v = torch.stack([cache.get(request_id, layer)[1][offset:end] for layer in layers])
+            positions = cache.get(request_id, 0)[2][offset:end]
+            dist.send(torch.stack([k, v]).contiguous(), move.dest)
+            dist.send(positions.contiguous(), move.dest)
+            offset = end
+        self.free(request_id)
+
+    def recv_kv(self, request_id: str, moves: Sequence[KVMove], reserve_tokens: int,
+                sampling: SamplingParams | None = None,
+                sampler_state: torch.Tensor | None = None) -> None:
+        """Take room for `reserve_tokens` (the prompt share plus, on the lead, the tokens to
+        be generated), then receive every move addressed here. The lead also gets the
+        request's sampler, continuing the random stream of its first token."""
+        cache = self._sp.cache
+        self.allocate(request_id, reserve_tokens)
+        shape = (cache.num_layers, 0, cache.num_kv_heads, cache.head_dim)
+        for move in moves:
+            if move.dest != self.config.rank:
+                continue
+            kv = torch.empty((2, shape[0], move.tokens, *shape[2:]), dtype=cache.dtype,
+                             device=cache.device)
+            positions = torch.empty(move.tokens, dtype=torch.int64, device=cache.device)
+            dist.recv(kv, move.source)
+            dist.recv(positions, move.source)
+            for layer in range(cache.num_layers):
+                cache.append(request_id, layer, kv[0, layer], kv[1, layer], positions)
+        if sampling is not None:
+            self.set_sampler(request_id, sampling, sampler_state)
+
+    def set_sampler(self, request_id: str, sampling: SamplingParams,
+                    state: torch.Tensor | None = None) -> None:
+        """This rank leads the request's decode: it samples its tokens from now on."""
+        self.samplers[request_id] = Sampler(sampling, state)
+
+    # -- decode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, entries: Sequence[DecodeEntry]) -> dict[str, int]:
+        """One continuous-batching step: every entry this rank leads computes one token (its
+        KV appended here); entries it only lends KV to join their group's attention. All ranks
+        of a multi-rank entry get the same entries in the same order."""
+        sp = self._sp
+        mine = [e for e in entries if e.lead == self.config.rank]
+        device = sp.cache.device
+        ids = torch.tensor([e.token_id for e in mine], dtype=torch.int64, device=device)
+        positions = torch.tensor([e.position for e in mine], dtype=torch.int64, device=device)
+        attend = BatchAttend(sp.cache, entries, self.config.rank, sp.groups)
+        hidden = sp.model(ids, positions, attend)
+        if not mine:
+            return {}
+        logits = sp.model.logits(hidden)
+        return {e.request_id: self.samplers[e.request_id](logits[i])
+                for i, e in enumerate(mine)}
