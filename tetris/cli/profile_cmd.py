@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tetris.runtime.deployment import start_workers
-    from tetris.runtime.profile import ProfileGrid, calibrate
+    from tetris.runtime.profile import ProfileGrid, calibrate, zero_coefficients
     from tetris.solver.cost_model import CostCoefficients
     from tetris.solver.hardware import load_hardware
 
@@ -44,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     workers = start_workers(config)
     try:
         if workers.device == "cpu":
-            # No datasheet for a CPU host: every coefficient comes from the measurements (one
-            # host, so the cross-node ones stay 0).
-            hardware = "cpu"
-            base = CostCoefficients(**{f: 0.0 for f in CostCoefficients.model_fields})
+            hardware, base = "cpu", zero_coefficients()
         else:
             hardware = config.hardware
             base = CostCoefficients.from_specs(workers.spec, load_hardware(hardware))

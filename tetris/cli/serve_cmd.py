@@ -2,8 +2,8 @@
 instances (default: a private local Ray on 127.0.0.1, the embedded SmolLM2-135M-Instruct, 2
 prefill + 1 decode instances, http://127.0.0.1:8000).
 
-`--demo` starts it, sends one real chat request over HTTP (a ~1,600-token document to
-summarise, so its prefill is cut into chunks over the prefill instances), prints the answer and
+`--demo` starts it, sends one real chat request over HTTP (a question about a ~2,000-token
+document, so its prefill is cut into chunks over the prefill instances), prints the answer and
 the chunk plan it ran, and stops.
 """
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tetris serve: starting {config.prefill_instances} prefill + "
           f"{config.decode_instances} decode instances of {config.model} ...", file=sys.stderr,
           flush=True)
-    deployment = deploy(config)
+    deployment = deploy(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     where = f"http://{config.host}:{config.port}"
     if not args.demo:
         print(f"tetris serve: model {deployment.engine.model_name!r} on {deployment.device}, "

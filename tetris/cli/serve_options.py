@@ -38,7 +38,8 @@ def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
         g.add_argument("--served-model-name", help="the model name clients send")
         g.add_argument("--host", help="default 127.0.0.1")
         g.add_argument("--port", type=int, help="default 8000")
-        g.add_argument("--max-queue", type=int, help="bound on admitted, unfinished requests; beyond it 429")
+        g.add_argument("--max-queue", type=int,
+                       help="bound on admitted, unfinished requests; beyond it 429")
         g.add_argument("--solver", choices=["greedy", "cp", "milp"])
 
 

@@ -11,8 +11,13 @@ from tetris.models.fetch import embedded_model, fetch_model
 from tetris.models.tokenizer import Tokenizer
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.engine import Engine, EngineOptions
+from tetris.runtime.profile import QUICK_GRID, Progress, calibrate, zero_coefficients
 from tetris.runtime.ray_session import init_ray
-from tetris.runtime.serve_config import ServeConfig, serving_cost_model
+from tetris.runtime.serve_config import (
+    ServeConfig,
+    configured_coefficients,
+    serving_cost_model,
+)
 from tetris.runtime.server.metrics import ServingMetrics
 from tetris.solver.model_spec import ModelSpec, load_model_spec
 
@@ -73,16 +78,29 @@ def start_workers(config: ServeConfig) -> Workers:
     return Workers(model_dir, device, spec, ray, pool)
 
 
-def deploy(config: ServeConfig, metrics: ServingMetrics | None = None) -> Deployment:
+def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
+           progress: Progress = lambda _: None) -> Deployment:
     """Workers plus the engine (not started: `await deployment.engine.start()` in the serving
     event loop)."""
     model_dir = resolve_model_dir(config.model)
     device = resolve_device(config.device)
-    # Fail on a missing calibration or a bad model before any actor starts.
-    cost_model = serving_cost_model(config, load_model_spec(str(model_dir)), device)
+    spec = load_model_spec(str(model_dir))
+    # A bad calibration file or model fails before any actor starts.
+    coefficients = configured_coefficients(config, spec, device)
     tokenizer = Tokenizer.from_dir(model_dir)
     context = read_config(model_dir).max_position_embeddings
     workers = start_workers(config)
+    try:
+        if coefficients is None and device == "cpu":
+            progress(f"no calibration for {spec.name} on this host: measuring a quick one "
+                     "(`tetris profile` writes a fuller one)")
+            calibration, _, _ = calibrate(workers.ray, workers.pool, spec, "cpu",
+                                          zero_coefficients(), QUICK_GRID, progress)
+            coefficients = calibration.coefficients
+        cost_model = serving_cost_model(config, spec, device, coefficients)
+    except BaseException:
+        workers.pool.shutdown(workers.ray)
+        raise
     metrics = metrics or ServingMetrics()
     options = EngineOptions(
         max_queue=config.max_queue, decode_max_batch=config.decode_max_batch,

@@ -40,6 +40,17 @@ class ProfileGrid:
     repeats: int = 3
 
 
+# What `tetris serve` measures at start when no calibration exists (about a minute here).
+QUICK_GRID = ProfileGrid(tokens=(32, 256), prefixes=(0, 512), decode_batches=(1, 8),
+                         decode_kv=(64, 512), repeats=1)
+
+
+def zero_coefficients() -> CostCoefficients:
+    """The base of a CPU host's fit: no datasheet, so every coefficient is measured (one host:
+    the cross-node ones stay 0)."""
+    return CostCoefficients(**{name: 0.0 for name in CostCoefficients.model_fields})
+
+
 @dataclass(frozen=True)
 class DecodeFit:
     num_rows: int

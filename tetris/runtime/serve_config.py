@@ -1,9 +1,9 @@
 """`tetris serve` settings (CLI flags or a JSON `--config` file) and the cost model they imply.
 
 On GPUs the cost model starts from the hardware preset's datasheet figures; on a CPU host there
-is no datasheet, so the coefficients must be measured: a calibration written by `tetris
-profile`, or the one shipped for the embedded model (measured with `tetris profile` on a
-2-core machine; re-run it on yours for better plans).
+is no datasheet, so the coefficients are measured: a calibration written by `tetris profile`,
+the one shipped for the embedded model (measured with `tetris profile` on a 2-core machine;
+re-run it on yours for better plans), or else a quick one the deployment measures at start.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tetris.solver.calibration import Calibration
 from tetris.solver.cluster import ClusterSpec
-from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostModel
+from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostCoefficients, CostModel
 from tetris.solver.hardware import HardwareSpec, load_hardware
 from tetris.solver.model_spec import ModelSpec
 from tetris.solver.request import SloSpec
@@ -82,22 +82,29 @@ def host_hardware(model: ModelSpec, kv_tokens: int) -> HardwareSpec:
                         intra_node_bandwidth=1.0, inter_node_bandwidth=1.0)
 
 
-def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str) -> CostModel:
+def configured_coefficients(config: ServeConfig, model: ModelSpec,
+                            device: str) -> CostCoefficients | None:
+    """The calibration to plan with: --calibration, else (CPU) the shipped one for the model;
+    None on CPU means none exists yet (the deployment measures one), on GPU the datasheet
+    defaults. ValueError naming the file if it is not a calibration."""
+    path: str | Path | None = config.calibration
+    if path is None and device == "cpu":
+        path = shipped_calibration(model)
+    return Calibration.load(path).coefficients if path is not None else None
+
+
+def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str,
+                       coefficients: CostCoefficients | None) -> CostModel:
     """The planners' cost model for this deployment: one node holding every instance."""
     cluster = ClusterSpec(prefill_instances=config.prefill_instances,
                           decode_instances=config.decode_instances,
                           gpus_per_node=config.prefill_instances + config.decode_instances)
-    calibration_path: str | Path | None = config.calibration
     if device == "cpu":
-        calibration_path = calibration_path or shipped_calibration(model)
-        if calibration_path is None:
-            raise ValueError(f"no calibration for {model.name} on this CPU host: run "
-                             "`tetris profile --model ...` and pass --calibration FILE")
+        if coefficients is None:
+            raise ValueError(f"no calibration for {model.name} on this CPU host")
         hardware = host_hardware(model, config.kv_tokens_per_instance)
     else:
         hardware = load_hardware(config.hardware)
-    coefficients = (Calibration.load(calibration_path).coefficients
-                    if calibration_path is not None else None)
     cost = CostModel(model, hardware, cluster, coefficients)
     if device == "cpu":
         # Planners keep each request's KV share within what an instance can hold.

@@ -20,11 +20,11 @@ DOCUMENT_TOPICS = (
     "Radio telescopes opened a second window on the sky and found pulsars, quasars and the "
     "faint glow left over from the early universe.",
 )
-QUESTION = "In two sentences, what is the document above about?"
+QUESTION = "What did telescopes reveal around Jupiter?"
 
 
 def demo_messages(repeats: int = 14) -> list[dict[str, str]]:
-    """A ~1,600-token document (long enough to be prefilled in several chunks) and a question."""
+    """A ~2,000-token document (long enough to be prefilled in several chunks) and a question."""
     paragraphs = [f"Part {i + 1}. " + " ".join(DOCUMENT_TOPICS[i % len(DOCUMENT_TOPICS):]
                                                + DOCUMENT_TOPICS[:i % len(DOCUMENT_TOPICS)])
                   for i in range(repeats)]
