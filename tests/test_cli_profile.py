@@ -52,3 +52,17 @@ def test_bad_settings_fail_with_one_line(args: list[str], message: str,
     errors = [line for line in capsys.readouterr().err.splitlines()
               if line.startswith("tetris: error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_config_file_and_flags_make_one_serve_config(tmp_path: Path) -> None:
+    """--config supplies settings; flags given on the command line override the file."""
+    from tetris.cli.main import build_parser
+    from tetris.cli.serve_options import serve_config
+
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"prefill_instances": 4, "max_queue": 8, "port": 9000,
+                                "slo": {"ttft_s": 2.0}}))
+    args = build_parser().parse_args(["serve", "--config", str(path), "--port", "9100"])
+    config = serve_config(args)
+    assert (config.prefill_instances, config.max_queue, config.port) == (4, 8, 9100)
+    assert config.slo.ttft_s == 2.0 and config.decode_instances == 1

@@ -102,3 +102,22 @@ def test_decode_with_kv_over_two_decode_actors_matches_hf(
     chunks = [ChunkSpec(0, 150, (1,)), ChunkSpec(150, n, (1, 0))]
     got = run_plan(ray_session, pool, "split-decode", prompt, chunks, (1, 0), (4096, 200))
     assert got[:len(expected)] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_actors_run_the_three_chunk_plan(ray_session: Any, smollm2_dir: Path,
+                                             prompt_and_reference: tuple[list[int],
+                                                                         list[int]]) -> None:
+    """On CUDA (NCCL data plane, 4 actors sharing one GPU, fp32): the 3-chunk SP 1→2 plan and
+    decode over 2 decode actors give HF's greedy tokens."""
+    gpu_pool = WorkerPool.start(ray_session, smollm2_dir, 2, 2, prefill_kv_tokens=4096,
+                                decode_kv_tokens=4096, device="cuda", gpus_per_instance=0.25)
+    try:
+        prompt, expected = prompt_and_reference
+        chunks = [ChunkSpec(0, 100, (0,)), ChunkSpec(100, 250, (0, 1)),
+                  ChunkSpec(250, len(prompt), (0, 1))]
+        got = run_plan(ray_session, gpu_pool, "gpu", prompt, chunks, (0, 1), (4096, 200))
+        assert got[:len(expected)] == expected
+    finally:
+        gpu_pool.shutdown(ray_session)

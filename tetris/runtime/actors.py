@@ -60,21 +60,24 @@ class WorkerPool:
     @classmethod
     def start(cls, ray: Any, model_dir: Path, prefill_instances: int, decode_instances: int,
               *, prefill_kv_tokens: int, decode_kv_tokens: int, device: str = "cpu",
-              threads: int = 1, local: bool = True) -> WorkerPool:
+              dtype: str = "float32", threads: int = 1, local: bool = True,
+              gpus_per_instance: float = 1.0) -> WorkerPool:
         """Create and set up every actor (model loaded, world joined); `local`: the cluster is
-        this machine, so the data plane stays on loopback."""
+        this machine, so the data plane stays on loopback. `gpus_per_instance` < 1 packs
+        several instances on one GPU (tests, small models)."""
         if prefill_instances < 1 or decode_instances < 1:
             raise ValueError("a serving cluster needs at least one prefill and one decode "
                              "instance")
         gpu = device.startswith("cuda")
-        remote = ray.remote(num_gpus=1, num_cpus=0)(_Actor) if gpu else \
+        remote = ray.remote(num_gpus=gpus_per_instance, num_cpus=0)(_Actor) if gpu else \
             ray.remote(num_cpus=0)(_Actor)
         world = prefill_instances + decode_instances
         # Rank 0's address and port are only known once it is placed.
         configs = [WorkerConfig(rank=r, world_size=world, model_dir=model_dir,
                                 kv_tokens=prefill_kv_tokens if r < prefill_instances
                                 else decode_kv_tokens,
-                                threads=threads, device="cuda" if gpu else device)
+                                threads=threads, device="cuda" if gpu else device,
+                                dtype=dtype)
                    for r in range(world)]
         first = remote.remote(configs[0])
         address, port = ray.get(first.rendezvous.remote(local), timeout=SETUP_TIMEOUT_S)

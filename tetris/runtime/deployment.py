@@ -73,8 +73,9 @@ def start_workers(config: ServeConfig) -> Workers:
     pool = WorkerPool.start(ray, model_dir, config.prefill_instances, config.decode_instances,
                             prefill_kv_tokens=config.kv_tokens_per_instance,
                             decode_kv_tokens=config.decode_kv_tokens, device=device,
-                            threads=config.threads_per_instance,
-                            local=config.ray_address in (None, "local"))
+                            dtype=config.dtype_on(device), threads=config.threads_per_instance,
+                            local=config.ray_address in (None, "local"),
+                            gpus_per_instance=config.gpus_per_instance)
     return Workers(model_dir, device, spec, ray, pool)
 
 

@@ -37,7 +37,11 @@ class ServeConfig(BaseModel):
     prefill_instances: int = Field(default=2, ge=1)
     decode_instances: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="weights and KV: auto = bfloat16 on GPUs, float32 on CPU")
     threads_per_instance: int = Field(default=1, ge=1)
+    gpus_per_instance: float = Field(default=1.0, gt=0, le=1, description="below 1 packs "
+                                     "several instances on one GPU")
     kv_tokens_per_instance: int = Field(default=16384, ge=16)
     decode_kv_tokens_per_instance: int | None = Field(default=None, ge=16)
     max_queue: int = Field(default=64, ge=1, description="bound on the requests admitted and "
@@ -62,6 +66,11 @@ class ServeConfig(BaseModel):
             raise ValueError(f"max_sp {self.max_sp} exceeds the {self.prefill_instances} "
                              "prefill instances")
         return self
+
+    def dtype_on(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if device == "cpu" else "bfloat16"
 
     @property
     def decode_kv_tokens(self) -> int:

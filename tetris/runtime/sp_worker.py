@@ -73,6 +73,8 @@ class SPWorker:
             return None
         positions = zigzag_positions(chunk, self.rank)
         ids = torch.tensor(chunk_ids, dtype=torch.int64)[positions - chunk.start_token]
+        # The model and the KV live on the instance's device (a GPU in production).
+        ids, positions = ids.to(self.cache.device), positions.to(self.cache.device)
         self._reserve(request_id, positions.numel())
         hidden = self.model(ids, positions, self._attend(request_id, chunk.ranks, strategy))
         last = chunk.end_token - 1
@@ -88,8 +90,9 @@ class SPWorker:
         if self.rank not in ranks:
             return None
         mine = self.rank == owner
-        ids = torch.tensor([token_id] if mine else [], dtype=torch.int64)
-        positions = torch.tensor([position] if mine else [], dtype=torch.int64)
+        device = self.cache.device
+        ids = torch.tensor([token_id] if mine else [], dtype=torch.int64, device=device)
+        positions = torch.tensor([position] if mine else [], dtype=torch.int64, device=device)
         self._reserve(request_id, int(mine))
         hidden = self.model(ids, positions, self._attend(request_id, ranks, strategy))
         return self.model.logits(hidden)[0] if mine else None

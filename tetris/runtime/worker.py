@@ -44,6 +44,7 @@ class WorkerConfig:
     kv_tokens: int
     threads: int = 1
     device: str = "cpu"
+    dtype: str = "float32"  # of the weights and the KV cache
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,10 @@ class InstanceWorker:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         backend = "nccl" if c.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, rank=c.rank, world_size=c.world_size)
-        model = load_model(c.model_dir, device=c.device)
+        dtype = getattr(torch, c.dtype)
+        model = load_model(c.model_dir, dtype=dtype, device=c.device)
         mc = model.config
-        cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.float32,
+        cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype,
                         torch.device(c.device), c.kv_tokens)
         self.sp = SPWorker(c.rank, model, cache, {})
         return {"rank": c.rank, "kv_tokens": c.kv_tokens, "pid": os.getpid()}
