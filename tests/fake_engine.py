@@ -88,6 +88,7 @@ class FakeStream:
                 metrics.observe_inter_token(now - last)
             last = now
             self.summary.completion_tokens += 1
+            self.summary.token_ids.append(token)
             pending += chr(token)
             full = emitted + pending
             hits = [full.find(s) for s in sampling.stop if s in full]
@@ -124,6 +125,7 @@ class FakeEngine:
     def __init__(self, metrics: ServingMetrics, *, context_tokens: int = 256) -> None:
         self.model_name = "fake-model"
         self.context_tokens = context_tokens
+        self.default_max_tokens = context_tokens
         self.metrics = metrics
         self.is_serving = True
         self.queue_full = False

@@ -187,22 +187,30 @@ def test_sixteen_concurrent_streams_and_a_seventeenth_gets_429(
     assert metric(url, "tetris:time_to_first_token_seconds_count") - before == MAX_QUEUE
 
 
-def test_client_leaving_mid_stream_frees_its_kv(served: tuple[str, Deployment]) -> None:
-    """A stream closed after its first tokens: the engine forgets the request and every
-    actor's KV cache is empty again."""
+@pytest.mark.parametrize(("path", "payload", "lines"), [
+    # Chat streams open with a role chunk: leaving right after it cancels during prefill.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PARAGRAPH * 30}]}, 1),
+    # Leaving after a few tokens cancels during decode.
+    ("/v1/completions", {"prompt": PARAGRAPH * 4}, 3),
+])
+def test_client_leaving_mid_stream_frees_its_kv(served: tuple[str, Deployment], path: str,
+                                                payload: dict[str, Any], lines: int) -> None:
+    """A stream closed early (in prefill, or in decode): the engine forgets the request, its
+    prefill KV ledger is back to 0 and every actor's KV cache is empty again."""
     url, deployment = served
-    body = json.dumps({"model": MODEL, "prompt": PARAGRAPH * 4, "max_tokens": 200,
-                       "stream": True, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body,
+    body = json.dumps({"model": MODEL, "max_tokens": 200, "stream": True, "temperature": 0,
+                       **payload}).encode()
+    request = urllib.request.Request(url + path, data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as reply:
-        for _ in range(3):
+        for _ in range(lines):
             reply.readline()
     engine, pool, ray = deployment.engine, deployment.pool, deployment.ray
-    deadline = time.monotonic() + 60
-    while engine.requests or engine.decode.num_requests:
+    deadline = time.monotonic() + 120
+    while engine.requests or engine.decode.num_requests or any(engine.busy):
         assert time.monotonic() < deadline, "the request was not dropped"
         time.sleep(0.1)
+    assert engine.kv_used == [0] * pool.num_prefill
     free = ray.get([a.free_tokens.remote() for a in pool.all], timeout=60)
     assert free == [pool.prefill_kv_tokens] * pool.num_prefill + \
         [pool.decode_kv_tokens] * len(pool.decode)

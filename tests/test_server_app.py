@@ -77,6 +77,7 @@ def test_completion(client: TestClient, engine: FakeEngine) -> None:
         "chunks": [{"start_token": 0, "end_token": 2, "instances": [0], "seconds": 0.01},
                    {"start_token": 2, "end_token": 5, "instances": [0, 1], "seconds": 0.02}],
         "decode_instances": [2],
+        "token_ids": [ord(c) for c in "olleh"],
     }
     assert engine.submitted[0].request_id == body["id"] and engine.cancels == []
 

@@ -13,24 +13,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
 from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
-from tetris.runtime.engine_api import FinishReason, RequestRejected
+from tetris.runtime.engine_api import FinishReason
 from tetris.runtime.engine_request import EngineRequest, Phase
-from tetris.runtime.kv_moves import plan_kv_moves
+from tetris.runtime.kv_moves import KVMove, plan_kv_moves
 from tetris.runtime.server.metrics import ServingMetrics
 from tetris.solver.dispatch import DecodeLoad, choose_decode_instances
 
 log = logging.getLogger(__name__)
 
 
+class PrefillSide(Protocol):
+    """What the decode side needs of the engine's prefill side."""
+
+    def try_hold(self, instances: Sequence[int]) -> bool: ...
+
+    def release(self, instances: Sequence[int]) -> None: ...
+
+    def prefill_kv_moved(self, state: EngineRequest, free_remote: bool) -> None: ...
+
+
 class DecodeRunner:
     def __init__(self, pool: WorkerPool, max_batch: int, max_sp: int,
-                 metrics: ServingMetrics) -> None:
+                 metrics: ServingMetrics, prefill: PrefillSide) -> None:
         self.pool, self.max_batch, self.metrics = pool, max_batch, metrics
+        self.prefill = prefill
         self.max_sp = max(1, min(max_sp, len(pool.decode)))
         self.queue: list[EngineRequest] = []
         self.active: list[EngineRequest] = []
@@ -53,17 +65,11 @@ class DecodeRunner:
         # The last generated token's KV is never computed.
         return prompt + max_tokens - 1
 
-    def check_fits(self, prompt: int, max_tokens: int) -> None:
-        need = self.kv_needed(prompt, max_tokens)
-        limit = self.pool.decode_kv_tokens * self.max_sp
-        if need > limit:
-            raise RequestRejected(
-                f"the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) needs {need} "
-                f"tokens of decode KV; the limit is {limit} ({self.max_sp} decode instance(s) "
-                f"of {self.pool.decode_kv_tokens})", "max_tokens")
-
     def submit(self, state: EngineRequest) -> None:
         self.queue.append(state)
+        self._wake.set()
+
+    def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
@@ -90,36 +96,52 @@ class DecodeRunner:
                                                 self.max_batch, self.max_sp)
             if placement is None:
                 return  # first come first served: wait for room to free up
+            # The lead keeps the generated tokens: the instance with the most room leads.
+            instances = sorted(placement.instances, key=lambda j: (self.reserved[j], j))
+            held = {g: sum(tokens_on_rank(ChunkSpec(c.start_token, c.end_token, c.instances),
+                                          g) for c in state.summary.chunks)
+                    for g in state.kv_instances}
+            p = self.pool.num_prefill
+            dests = tuple(p + j for j in instances)
+            rooms = [self.pool.decode_kv_tokens - self.reserved[j] for j in instances]
+            try:
+                moves, reserve = plan_kv_moves(held, dests, rooms,
+                                               state.request.sampling.max_tokens - 1)
+            except ValueError:
+                return  # the lead lacks room for the generated tokens yet: wait
+            sources = tuple(sorted({m.source for m in moves}))
+            if not self.prefill.try_hold(sources):
+                return  # its prefill instances are computing: retried when a chunk ends
             self.queue.pop(0)
-            await self._move_in(state, placement.instances)
+            await self._move_in(state, tuple(instances), sources, moves, reserve)
 
-    async def _move_in(self, state: EngineRequest, instances: tuple[int, ...]) -> None:
-        held = {g: sum(tokens_on_rank(ChunkSpec(c.start_token, c.end_token, c.instances), g)
-                       for c in state.summary.chunks) for g in state.kv_instances}
-        p = self.pool.num_prefill
-        dests = tuple(p + j for j in instances)
-        rooms = [self.pool.decode_kv_tokens - self.reserved[j] for j in instances]
-        moves, reserve = plan_kv_moves(held, dests, rooms,
-                                       state.request.sampling.max_tokens - 1)
+    async def _move_in(self, state: EngineRequest, instances: tuple[int, ...],
+                       sources: tuple[int, ...], moves: list[KVMove],
+                       reserve: list[int]) -> None:
         for j, n in zip(instances, reserve, strict=True):
             self.reserved[j] += n
             self.batch[j] += 1
         self.reserve_of[state.request_id] = reserve
+        dests = tuple(self.pool.num_prefill + j for j in instances)
         state.decode_ranks, state.kv_moves = dests, tuple(moves)
         state.summary.decode_instances = instances
         state.phase = Phase.DECODE
         self.active.append(state)
-        sends = [self.pool.prefill[g].send_kv.remote(state.request_id, moves) for g in held]
+        sends = [self.pool.prefill[g].send_kv.remote(state.request_id, moves) for g in sources]
         recvs = [self.pool.actor(d).recv_kv.remote(
             state.request_id, moves, n, *((state.request.sampling, state.sampler_state)
                                           if i == 0 else ()))
             for i, (d, n) in enumerate(zip(dests, reserve, strict=True))]
-        try:
-            await asyncio.gather(*sends, *recvs)
-        except Exception as err:
-            log.exception("KV transfer failed")
+        results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
+        self.prefill.release(sources)
+        # send_kv freed the prefill KV of the sources; free it everywhere in case a sender
+        # failed first (freeing twice is harmless).
+        self.prefill.prefill_kv_moved(state, free_remote=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            log.error("KV transfer of %r failed: %s", state.request_id, errors[0])
             self._release(state)
-            state.fail(f"KV transfer of {state.request_id!r} failed: {err}")
+            state.fail(f"KV transfer of {state.request_id!r} failed: {errors[0]}")
 
     async def _step(self) -> None:
         batch = [s for s in self.active if not s.cancelled]
@@ -182,8 +204,7 @@ class DecodeRunner:
     def cancel(self, state: EngineRequest) -> None:
         if state in self.queue:
             self.queue.remove(state)
-            for g in state.kv_instances:
-                self.pool.prefill[g].free.remote(state.request_id)
+            self.prefill.prefill_kv_moved(state, free_remote=True)
         else:
             self._release(state)
 

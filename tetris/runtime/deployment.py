@@ -89,7 +89,7 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
     # A bad calibration file or model fails before any actor starts.
     coefficients = configured_coefficients(config, spec, device)
     tokenizer = Tokenizer.from_dir(model_dir)
-    context = read_config(model_dir).max_position_embeddings
+    model_config = read_config(model_dir)
     workers = start_workers(config)
     try:
         if coefficients is None and device == "cpu":
@@ -104,12 +104,14 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
         raise
     metrics = metrics or ServingMetrics()
     options = EngineOptions(
-        max_queue=config.max_queue, decode_max_batch=config.decode_max_batch,
+        max_queue=config.max_queue, default_max_tokens=config.default_max_tokens,
+        decode_max_batch=config.decode_max_batch,
         decode_max_sp=config.decode_max_sp, solver=config.solver,
         time_limit_ms=config.time_limit_ms, quantum_s=config.quantum_s,
         block_tokens=config.block_tokens, max_chunks=config.max_chunks, max_sp=config.max_sp,
         slo=config.slo)
     name = config.served_model_name or (config.model if embedded_model(config.model)
                                         else model_dir.name)
-    engine = Engine(workers.pool, tokenizer, name, context, cost_model, options, metrics)
+    engine = Engine(workers.pool, tokenizer, name, model_config.max_position_embeddings,
+                    model_config.vocab_size, cost_model, options, metrics)
     return Deployment(config, model_dir, device, workers.ray, workers.pool, engine, metrics)

@@ -31,7 +31,8 @@ from tetris.evaluation.prefill_policies import (
 )
 from tetris.models.tokenizer import Tokenizer
 from tetris.runtime.actors import WorkerPool
-from tetris.runtime.chunking import ChunkSpec
+from tetris.runtime.admission import Limits, check_request
+from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.decode_runner import DecodeRunner
 from tetris.runtime.detokenize import Detokenizer
 from tetris.runtime.engine_api import (
@@ -40,8 +41,10 @@ from tetris.runtime.engine_api import (
     RequestRejected,
     RequestSummary,
 )
-from tetris.runtime.engine_request import EngineRequest, Phase, Stream
+from tetris.runtime.engine_request import EngineError, EngineRequest, Phase, Stream
+from tetris.runtime.sampling import SamplingParams
 from tetris.runtime.server.metrics import ServingMetrics
+from tetris.runtime.worker import PrefillResult
 from tetris.solver.api import solve
 from tetris.solver.cost_model import CostModel
 from tetris.solver.plan_json import report_from_result
@@ -56,6 +59,7 @@ LOAD_TAU_S = 10.0
 @dataclass(frozen=True)
 class EngineOptions:
     max_queue: int = 64
+    default_max_tokens: int = 1024
     decode_max_batch: int = 32
     decode_max_sp: int = 2
     solver: str = "greedy"
@@ -71,12 +75,17 @@ class Engine:
     """Implements `engine_api.EngineAPI`. `start()` inside the serving event loop."""
 
     def __init__(self, pool: WorkerPool, tokenizer: Tokenizer, model_name: str,
-                 context_tokens: int, cost_model: CostModel, options: EngineOptions,
-                 metrics: ServingMetrics) -> None:
+                 context_tokens: int, vocab_size: int, cost_model: CostModel,
+                 options: EngineOptions, metrics: ServingMetrics) -> None:
         self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
         self.model_name, self.context_tokens = model_name, context_tokens
+        self.default_max_tokens = options.default_max_tokens
         self.cost_model, self.options = cost_model, options
         n = pool.num_prefill
+        self.limits = Limits(context_tokens, vocab_size, pool.prefill_kv_tokens,
+                             min(n, options.max_sp or n), pool.decode_kv_tokens,
+                             min(options.decode_max_sp, len(pool.decode)))
+        self.kv_used = [0] * n  # prefill KV tokens held per instance
         self.policy = CdspPolicy("tetris" if options.solver == "cp" else f"tetris-{options.solver}",
                                  solver=options.solver, time_limit_ms=options.time_limit_ms,
                                  clock=SolverClock.MEASURED, quantum_s=options.quantum_s)
@@ -86,7 +95,8 @@ class Engine:
         self.busy = [False] * n
         self.planned_end = [0.0] * n
         self.busy_s = [0.0] * n
-        self.decode = DecodeRunner(pool, options.decode_max_batch, options.decode_max_sp, metrics)
+        self.decode = DecodeRunner(pool, options.decode_max_batch, options.decode_max_sp, metrics,
+                                   self)
         self.last_decision: Decision | None = None
         self.load, self.load_t = 0.0, 0.0
         self.t0 = time.monotonic()
@@ -107,14 +117,8 @@ class Engine:
         return self.tokenizer.encode_chat(messages)
 
     async def submit(self, request: GenerationRequest) -> Stream:
-        prompt, max_tokens = len(request.prompt_ids), request.sampling.max_tokens
-        if prompt == 0:
-            raise RequestRejected("the prompt is empty", "prompt")
-        if prompt + max_tokens > self.context_tokens:
-            raise RequestRejected(
-                f"this model's context is {self.context_tokens} tokens; the prompt has {prompt} "
-                f"and max_tokens is {max_tokens} ({prompt + max_tokens} in all)", "max_tokens")
-        self.decode.check_fits(prompt, max_tokens)
+        check_request(self.limits, request.prompt_ids, request.sampling.max_tokens)
+        prompt = len(request.prompt_ids)
         queued = len(self.requests) + self.decode.num_requests
         if queued >= self.options.max_queue:
             raise QueueFull(f"{queued} requests are in the queue (waiting, prefilling or "
@@ -150,8 +154,8 @@ class Engine:
 
     async def start(self) -> None:
         self._running = True
-        self._spawn(self._prefill_loop())
-        self._spawn(self.decode.run())
+        self._spawn(self._prefill_loop(), essential=True)
+        self._spawn(self.decode.run(), essential=True)
 
     async def stop(self) -> None:
         self._running = False
@@ -162,10 +166,21 @@ class Engine:
                 await task
         self.decode.stop()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, essential: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._task_done(t, essential))
+
+    def _task_done(self, task: asyncio.Task[Any], essential: bool) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            log.error("engine task failed", exc_info=err)
+        if essential and self._running:
+            # A scheduling loop ended: nothing would move any more, so stop claiming to serve.
+            self.failure = f"engine loop stopped: {err!r}"
 
     # -- prefill ----------------------------------------------------------------------------
     async def _prefill_loop(self) -> None:
@@ -175,12 +190,13 @@ class Engine:
             try:
                 self._decide()
             except Exception as err:
-                # A planner error is a bug; fail loudly rather than leave requests hanging.
+                # A planner error: fail the requests it could not plan (with an error their
+                # clients see) and go on serving the others.
                 log.exception("prefill planning failed")
-                self.failure = f"prefill planning failed: {err}"
                 for state in list(self.requests.values()):
-                    self._drop(state)
-                    state.fail(self.failure)
+                    if not state.chunk_running:
+                        self._release_prefill(state)
+                        state.fail(f"planning failed: {err}")
 
     def _availability(self, now: float) -> tuple[float, ...]:
         return tuple(max(self.planned_end[g], now + OVERRUN_S) if self.busy[g] else now
@@ -203,7 +219,9 @@ class Engine:
             self.last_decision = decision
             self.metrics.observe_solver(decision.solver_s)
         for launch in decision.launches:
-            self._spawn(self._run_chunk(self.requests[launch.request_id], launch))
+            state = self.requests[launch.request_id]
+            if self._launchable(state, launch):
+                self._begin_chunk(state, launch)
 
     def _update_load(self, now: float) -> None:
         dt = now - self.load_t
@@ -212,11 +230,29 @@ class Engine:
             self.load += -math.expm1(-dt / LOAD_TAU_S) * (share - self.load)
             self.load_t = now
 
-    async def _run_chunk(self, state: EngineRequest, launch: Launch) -> None:
+    def _kv_shares(self, spec: ChunkSpec) -> dict[int, int]:
+        return {g: tokens_on_rank(spec, g) for g in spec.ranks}
+
+    def _launchable(self, state: EngineRequest, launch: Launch) -> bool:
+        """Check before acting: the request is still live and each instance of the group has
+        KV room for its share (planners bound one request's KV, not the sum over requests)."""
+        if state.cancelled or state.request_id not in self.requests:
+            return False
+        spec = ChunkSpec(launch.start_token, launch.end_token, launch.instances)
+        room = self.pool.prefill_kv_tokens
+        return all(self.kv_used[g] + n <= room for g, n in self._kv_shares(spec).items())
+
+    def _begin_chunk(self, state: EngineRequest, launch: Launch) -> None:
+        """The launch's bookkeeping, synchronously (the next decision must see its instances
+        busy and its KV taken), then the chunk itself as a task."""
         start, end, group = launch.start_token, launch.end_token, launch.instances
+        spec = ChunkSpec(start, end, group)
         now = self.now()
         self._update_load(now)
         planned = self.cost_model.chunk_seconds_on(end - start, start, group)
+        for g, n in self._kv_shares(spec).items():
+            self.kv_used[g] += n
+            state.prefill_held[g] = state.prefill_held.get(g, 0) + n
         for g in group:
             self.busy[g], self.planned_end[g] = True, now + planned
         if state.phase is Phase.WAITING:
@@ -225,39 +261,53 @@ class Engine:
             self._update_gauges()
         state.chunk_running, state.planned_ready_s = True, now + planned
         state.prefilled, state.kv_instances = end, group
-        last = end == state.prompt_tokens
-        spec = ChunkSpec(start, end, group)
         ids = list(state.request.prompt_ids[start:end])
-        sampling = state.request.sampling if last else None
+        sampling = state.request.sampling if end == state.prompt_tokens else None
         self.pool.ensure_group(group)
+        self._spawn(self._run_chunk(state, spec, ids, sampling))
+
+    async def _run_chunk(self, state: EngineRequest, spec: ChunkSpec, ids: list[int],
+                         sampling: SamplingParams | None) -> None:
+        group = spec.ranks
         started = time.monotonic()
+        # Every rank's call must return before its instance is free again: a failing rank's
+        # peers may still be inside the chunk.
+        results = await asyncio.gather(*(
+            self.pool.prefill[g].prefill.remote(state.request_id, spec, ids, sampling)
+            for g in group), return_exceptions=True)
+        seconds = time.monotonic() - started
+        self._update_load(self.now())
+        for g in group:
+            self.busy[g] = False
+            self.busy_s[g] += seconds
+            self.metrics.set_instance_busy(f"prefill-{g}", "prefill",
+                                           self.busy_s[g] / max(self.now(), 1e-9))
+        state.chunk_running = False
+        self._wake.set()
+        self.decode.wake()  # a KV transfer may have waited for these instances
         try:
-            results = await asyncio.gather(*(
-                self.pool.prefill[g].prefill.remote(state.request_id, spec, ids, sampling)
-                for g in group))
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise EngineError(f"prefill of {state.request_id!r} failed: {errors[0]}")
+            self._chunk_done(state, spec, seconds, [r for r in results
+                                                    if not isinstance(r, BaseException)])
         except Exception as err:
             log.exception("prefill chunk failed")
             self._release_prefill(state)
-            state.fail(f"prefill of {state.request_id!r} failed: {err}")
-            return
-        finally:
-            self._update_load(self.now())
-            seconds = time.monotonic() - started
-            for g in group:
-                self.busy[g] = False
-                self.busy_s[g] += seconds
-                self.metrics.set_instance_busy(f"prefill-{g}", "prefill",
-                                               self.busy_s[g] / max(self.now(), 1e-9))
-            self._wake.set()
-        state.chunk_running = False
-        state.record_chunk(start, end, group, seconds)
-        self.metrics.count_chunk(len(group))
+            state.fail(str(err))
+            self._update_gauges()
+
+    def _chunk_done(self, state: EngineRequest, spec: ChunkSpec, seconds: float,
+                    results: list[PrefillResult]) -> None:
+        state.record_chunk(spec.start_token, spec.end_token, spec.ranks, seconds)
+        self.metrics.count_chunk(spec.sp)
         if state.cancelled:
             self._release_prefill(state)
             return
-        if not last:
+        if spec.end_token < state.prompt_tokens:
             return
         first = next(r for r in results if r.first_token is not None)
+        assert first.first_token is not None
         state.sampler_state = first.sampler_state
         self.metrics.observe_ttft(time.monotonic() - state.arrival_wall)
         finish = state.add_tokens([first.first_token])
@@ -271,16 +321,34 @@ class Engine:
             self.decode.submit(state)
         self._update_gauges()
 
-    def _release_prefill(self, state: EngineRequest) -> None:
-        """Free the request's prefill KV (every instance that may hold some of it)."""
-        self.requests.pop(state.request_id, None)
-        for g in state.kv_instances:
-            self.pool.prefill[g].free.remote(state.request_id)
-        self._update_gauges()
+    # -- prefill KV and instances, as the decode side hands KV over ---------------------------
+    def prefill_kv_moved(self, state: EngineRequest, free_remote: bool) -> None:
+        """The request's prefill KV is gone (sent to decode) or to be freed (`free_remote`)."""
+        for g, n in state.prefill_held.items():
+            self.kv_used[g] -= n
+            if free_remote:
+                self.pool.prefill[g].free.remote(state.request_id)
+        state.prefill_held.clear()
+        self._wake.set()
 
-    def _drop(self, state: EngineRequest) -> None:
-        if not state.chunk_running:
-            self._release_prefill(state)
+    def try_hold(self, instances: Sequence[int]) -> bool:
+        """Take idle prefill instances for a KV transfer (they send, so they cannot compute)."""
+        if any(self.busy[g] for g in instances):
+            return False
+        for g in instances:
+            self.busy[g], self.planned_end[g] = True, self.now() + OVERRUN_S
+        return True
+
+    def release(self, instances: Sequence[int]) -> None:
+        for g in instances:
+            self.busy[g] = False
+        self._wake.set()
+
+    def _release_prefill(self, state: EngineRequest) -> None:
+        """Forget the request's prefill and free its KV on every instance holding some."""
+        self.requests.pop(state.request_id, None)
+        self.prefill_kv_moved(state, free_remote=True)
+        self._update_gauges()
 
     async def cancel(self, state: EngineRequest) -> None:
         """A client went away: free its KV and its place in the plan, end its stream."""
@@ -288,9 +356,11 @@ class Engine:
             return
         state.cancelled = True
         if state.phase in (Phase.WAITING, Phase.PREFILL):
-            # A running chunk frees the KV when it completes (see _run_chunk).
-            self._drop(state)
-            self.requests.pop(state.request_id, None)
+            # A running chunk frees the KV when it completes (see _chunk_done).
+            if state.chunk_running:
+                self.requests.pop(state.request_id, None)
+            else:
+                self._release_prefill(state)
         else:
             self.decode.cancel(state)
         state.finish("abort")

@@ -80,6 +80,9 @@ class RequestStream(Protocol):
 class EngineAPI(Protocol):
     model_name: str
     context_tokens: int
+    # A chat request that names no max_tokens gets min(this, what the context leaves): every
+    # request reserves its final KV up front, so "the whole context" would starve the others.
+    default_max_tokens: int
 
     @property
     def serving(self) -> bool: ...

@@ -57,6 +57,7 @@ class EngineRequest:
     decode_ranks: tuple[int, ...] = ()  # world ranks, lead first
     decode_shares: tuple[int, ...] = ()
     kv_moves: tuple[KVMove, ...] = ()
+    prefill_held: dict[int, int] = field(default_factory=dict)  # prefill instance -> KV tokens
     cancelled: bool = False
     events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)
 

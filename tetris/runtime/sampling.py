@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,7 +44,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [vocab] (any float dtype)."""
-        if self.params.temperature == 0:
+        # Below GREEDY_BELOW the softmax underflows to NaN: the limit is greedy anyway.
+        if self.params.temperature < GREEDY_BELOW:
             return int(torch.argmax(logits).item())
         probs = torch.softmax(logits.double() / self.params.temperature, dim=-1)
         if self.params.top_p < 1:

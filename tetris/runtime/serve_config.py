@@ -46,6 +46,9 @@ class ServeConfig(BaseModel):
     decode_kv_tokens_per_instance: int | None = Field(default=None, ge=16)
     max_queue: int = Field(default=64, ge=1, description="bound on the requests admitted and "
                            "not finished (waiting, prefilling or decoding); beyond it 429")
+    default_max_tokens: int = Field(default=1024, ge=1, description="a chat request naming "
+                                    "no max_tokens gets at most this many (its final KV is "
+                                    "reserved when it reaches decode)")
     decode_max_batch: int = Field(default=32, ge=1)
     decode_max_sp: int = Field(default=2, ge=1)
     solver: Literal["greedy", "cp", "milp"] = "greedy"
@@ -115,7 +118,7 @@ def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str,
     else:
         hardware = load_hardware(config.hardware)
     cost = CostModel(model, hardware, cluster, coefficients)
-    if device == "cpu":
-        # Planners keep each request's KV share within what an instance can hold.
-        assert cost.kv_capacity_tokens <= config.kv_tokens_per_instance
+    # Planners keep each request's KV share within what an instance holds: the runtime's
+    # cache, not the whole device.
+    cost.kv_capacity_tokens = min(cost.kv_capacity_tokens, config.kv_tokens_per_instance)
     return cost

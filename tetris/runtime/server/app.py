@@ -101,9 +101,10 @@ def create_app(engine: EngineAPI, metrics: ServingMetrics) -> FastAPI:
         prompt_ids = await encode(engine.encode_chat, body.engine_messages(), "messages")
         max_tokens = body.max_new_tokens
         if max_tokens is None:
-            # OpenAI's chat default: as much as the context leaves.
-            max_tokens = engine.context_tokens - len(prompt_ids)
-            if max_tokens <= 0:
+            # OpenAI's chat default is what the context leaves; the engine caps it.
+            left = engine.context_tokens - len(prompt_ids)
+            max_tokens = min(left, engine.default_max_tokens)
+            if left <= 0:
                 raise ApiError(400, f"The messages take {len(prompt_ids)} tokens, the whole "
                                f"context of {engine.context_tokens} tokens.", param="messages")
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_name)

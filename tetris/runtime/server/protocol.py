@@ -77,7 +77,7 @@ class _SamplingRequest(BaseModel):
     model: str
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch's generator range
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
