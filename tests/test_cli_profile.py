@@ -66,3 +66,25 @@ def test_config_file_and_flags_make_one_serve_config(tmp_path: Path) -> None:
     config = serve_config(args)
     assert (config.prefill_instances, config.max_queue, config.port) == (4, 8, 9100)
     assert config.slo.ttft_s == 2.0 and config.decode_instances == 1
+
+
+def test_serve_a_checkpoint_dir_without_calibration(
+        ray_session: Any, smollm2_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tetris serve --model DIR --demo` for a checkpoint with no calibration on this host:
+    it measures a quick one on the live actors, then answers the demo's chat request with a
+    chunk plan."""
+    import socket
+
+    model = tmp_path / "my-llama"
+    model.mkdir()
+    for f in smollm2_dir.iterdir():
+        (model / f.name).symlink_to(f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["serve", "--model", str(model), "--demo", "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "no calibration for my-llama" in err
+    assert "Prefill chunk plan:" in out and "on prefill instances" in out

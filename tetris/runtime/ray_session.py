@@ -19,7 +19,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address in (None, "local"):
-        ray.init(include_dashboard=False, num_cpus=num_cpus or os.cpu_count() or 1,
+        # address="local" always starts a new cluster: without it Ray joins whatever cluster
+        # /tmp/ray/ray_current_cluster names (one started by `ray start`, even a dead one).
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus or os.cpu_count() or 1,
                  _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
     else:
