@@ -104,6 +104,28 @@ def test_decode_with_kv_over_two_decode_actors_matches_hf(
     assert got[:len(expected)] == expected
 
 
+def test_a_rank_without_kv_room_fails_the_whole_group_promptly(ray_session: Any,
+                                                              pool: WorkerPool) -> None:
+    """Rank 0 of {0,1} has no room for its share: both ranks raise MemoryError (nobody is left
+    waiting in a collective), and the group runs the next chunk normally."""
+    hog = pool.prefill_kv_tokens - 10
+    ray_session.get(pool.prefill[0].allocate.remote("hog", hog))
+    chunk = ChunkSpec(0, 100, (0, 1))
+    pool.ensure_group(chunk.ranks)
+    refs = [pool.prefill[r].prefill.remote("too-big", chunk, [1] * 100, None) for r in (0, 1)]
+    for ref in refs:
+        with pytest.raises(Exception, match="no KV room"):
+            ray_session.get(ref, timeout=60)
+    ray_session.get([pool.prefill[r].free.remote(rid) for r in (0, 1)
+                     for rid in ("hog", "too-big")])
+    done = ray_session.get([pool.prefill[r].prefill.remote("after", chunk, [1] * 100, None)
+                            for r in (0, 1)], timeout=60)
+    assert len(done) == 2
+    ray_session.get([pool.prefill[r].free.remote("after") for r in (0, 1)])
+    assert ray_session.get([pool.prefill[r].free_tokens.remote() for r in (0, 1)]) == \
+        [pool.prefill_kv_tokens] * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_actors_run_the_three_chunk_plan(ray_session: Any, smollm2_dir: Path,

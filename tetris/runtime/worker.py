@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from tetris.models.kv_cache import KVCache
 from tetris.runtime.batch_attend import BatchAttend, DecodeEntry
-from tetris.runtime.chunking import ChunkSpec
+from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import Sampler, SamplingParams
 from tetris.runtime.sp_worker import SPWorker
@@ -118,6 +118,7 @@ class InstanceWorker:
         """This rank's share of `chunk`; `sampling` is given for the prompt's last chunk, and
         the rank holding the last token samples the first output token."""
         started = time.perf_counter()
+        self._agree_to_run(request_id, chunk)
         logits = self._sp.prefill(request_id, chunk, list(chunk_ids), sampling is not None)
         seconds = time.perf_counter() - started
         if logits is None or sampling is None:
@@ -125,6 +126,24 @@ class InstanceWorker:
         sampler = Sampler(sampling)
         token = sampler(logits)
         return PrefillResult(seconds, token, sampler.state())
+
+    def _agree_to_run(self, request_id: str, chunk: ChunkSpec) -> None:
+        """Every rank of the group checks its KV room, then they agree (one all-reduce): if
+        one rank cannot run the chunk, all raise together instead of leaving the others
+        waiting inside the chunk's collectives."""
+        need = tokens_on_rank(chunk, self.config.rank)
+        room = self._sp.cache.num_free_tokens
+        if chunk.sp > 1:
+            flag = torch.tensor([1 if need <= room else 0], dtype=torch.int32,
+                                device=self._sp.cache.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sp.groups[chunk.ranks])
+            if not flag.item():
+                raise MemoryError(f"chunk [{chunk.start_token}, {chunk.end_token}) of "
+                                  f"{request_id!r} on {chunk.ranks}: a rank has no KV room "
+                                  f"(rank {self.config.rank}: {need} needed, {room} free)")
+        elif need > room:
+            raise MemoryError(f"rank {self.config.rank}: no KV room for {need} tokens of "
+                              f"{request_id!r} ({room} free)")
 
     # -- KV transfer ------------------------------------------------------------------------
     def send_kv(self, request_id: str, moves: Sequence[KVMove]) -> None:
