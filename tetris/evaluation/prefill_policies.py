@@ -17,6 +17,7 @@ validator before returning (`plans_validated` counts them):
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,37 @@ class PrefillView:
     # `ready_s` after now.
     pending: tuple[PendingRequest, ...]
     load: float  # recent share of prefill instances busy, in [0, 1]
+
+
+def planner_availability(busy: Sequence[bool], planned_end: Sequence[float], now: float,
+                         overrun_s: float) -> tuple[float, ...]:
+    """`PrefillView.availability_s` from each instance's state: a busy instance is free at its
+    chunk's planned end, or `overrun_s` after now if the chunk has overrun its plan."""
+    return tuple(max(end, now + overrun_s) if b else now
+                 for b, end in zip(busy, planned_end, strict=True))
+
+
+def ready_after(running: bool, planned_ready_s: float, now: float,
+                overrun_s: float) -> float | None:
+    """`PendingRequest.ready_s` of a request whose chunk may be running (same overrun rule)."""
+    return max(planned_ready_s, now + overrun_s) if running else None
+
+
+@dataclass
+class LoadTracker:
+    """The recent share of prefill instances busy (`PrefillView.load`, behind λ): an
+    exponential average over time with memory `tau_s`."""
+
+    tau_s: float
+    load: float = 0.0
+    t: float = 0.0
+
+    def update(self, now: float, busy_share: float) -> float:
+        dt = now - self.t
+        if dt > 0:
+            self.load += -math.expm1(-dt / self.tau_s) * (busy_share - self.load)
+            self.t = now
+        return self.load
 
 
 @dataclass(frozen=True, slots=True)

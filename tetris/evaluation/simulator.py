@@ -31,7 +31,14 @@ from tetris.evaluation.events import (
     EventQueue,
 )
 from tetris.evaluation.noise import DurationNoise
-from tetris.evaluation.prefill_policies import Launch, PrefillPolicy, PrefillView
+from tetris.evaluation.prefill_policies import (
+    Launch,
+    LoadTracker,
+    PrefillPolicy,
+    PrefillView,
+    planner_availability,
+    ready_after,
+)
 from tetris.evaluation.records import ChunkRecord, RequestRecord, SimOutcome, SimRequest
 from tetris.solver.cost_model import CostModel
 from tetris.solver.problem import (
@@ -115,8 +122,7 @@ class DisaggregatedSimulator:
         self.busy_s = [0.0] * self.num_prefill
         self.scheduler_free_s = 0.0
         self.decide_queued = False
-        self.load = 0.0
-        self.load_t = 0.0
+        self.load = LoadTracker(opts.load_tau_s)
         self.stats: dict[str, int | float | str] = {
             "events": 0, "decisions": 0, "decisions_skipped": 0, "plans_validated": 0,
             "chunks": 0, "solver_s": 0.0,
@@ -180,7 +186,7 @@ class DisaggregatedSimulator:
     # -- decisions ---------------------------------------------------------------------------
     def _decide(self, now: float) -> None:
         busy = sum(self.running)
-        self._update_load(now, busy)
+        self.load.update(now, busy / self.num_prefill)
         if busy == self.num_prefill or all(p.running for p in self.pending.values()):
             self.stats["decisions_skipped"] = int(self.stats["decisions_skipped"]) + 1
             return
@@ -200,18 +206,8 @@ class DisaggregatedSimulator:
             raise RuntimeError(f"{self.policy.name} launched nothing at t={now:.6f}s with every "
                                f"prefill instance idle and {len(self.pending)} requests pending")
 
-    def _update_load(self, now: float, busy: int) -> None:
-        dt = now - self.load_t
-        if dt > 0:
-            alpha = -math.expm1(-dt / self.options.load_tau_s)
-            self.load += alpha * (busy / self.num_prefill - self.load)
-            self.load_t = now
-
     def _view(self, now: float) -> PrefillView:
-        availability = tuple(
-            max(self.planned_end[g], now + OVERRUN_S) if self.running[g] else now
-            for g in range(self.num_prefill)
-        )
+        availability = planner_availability(self.running, self.planned_end, now, OVERRUN_S)
         pending = []
         for p in self.pending.values():
             r = p.record.request
@@ -220,10 +216,10 @@ class DisaggregatedSimulator:
             pending.append(PendingRequest(
                 r.request_id, r.arrival_s, r.prompt_tokens, r.ttft_slo_s,
                 prefilled_tokens=p.prefilled, kv_instances=p.kv_instances,
-                ready_s=max(p.planned_ready_s, now + OVERRUN_S) if p.running else None,
+                ready_s=ready_after(p.running, p.planned_ready_s, now, OVERRUN_S),
             ))
         return PrefillView(now, availability, tuple(not b for b in self.running),
-                           tuple(pending), self.load)
+                           tuple(pending), self.load.load)
 
     def _launch(self, launch: Launch, start_s: float) -> None:
         i = self.by_id.get(launch.request_id)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
@@ -123,7 +123,7 @@ class DecodeRunner:
             self.batch[j] += 1
         self.reserve_of[state.request_id] = reserve
         dests = tuple(self.pool.num_prefill + j for j in instances)
-        state.decode_ranks, state.kv_moves = dests, tuple(moves)
+        state.decode_ranks = dests
         state.summary.decode_instances = instances
         state.phase = Phase.DECODE
         self.active.append(state)
@@ -207,7 +207,3 @@ class DecodeRunner:
             self.prefill.prefill_kv_moved(state, free_remote=True)
         else:
             self._release(state)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), "active": len(self.active),
-                "reserved_tokens": list(self.reserved), "batch": list(self.batch)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,11 @@ from tetris.evaluation.prefill_policies import (
     CdspPolicy,
     Decision,
     Launch,
+    LoadTracker,
     PrefillView,
     SolverClock,
+    planner_availability,
+    ready_after,
 )
 from tetris.models.tokenizer import Tokenizer
 from tetris.runtime.actors import WorkerPool
@@ -98,7 +100,7 @@ class Engine:
         self.decode = DecodeRunner(pool, options.decode_max_batch, options.decode_max_sp, metrics,
                                    self)
         self.last_decision: Decision | None = None
-        self.load, self.load_t = 0.0, 0.0
+        self.load = LoadTracker(LOAD_TAU_S)
         self.t0 = time.monotonic()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -199,8 +201,7 @@ class Engine:
                         state.fail(f"planning failed: {err}")
 
     def _availability(self, now: float) -> tuple[float, ...]:
-        return tuple(max(self.planned_end[g], now + OVERRUN_S) if self.busy[g] else now
-                     for g in range(self.pool.num_prefill))
+        return planner_availability(self.busy, self.planned_end, now, OVERRUN_S)
 
     def _decide(self) -> None:
         now = self.now()
@@ -208,12 +209,12 @@ class Engine:
         pending = [PendingRequest(
             s.request_id, s.arrival_s, s.prompt_tokens, s.ttft_slo_s,
             prefilled_tokens=s.prefilled, kv_instances=s.kv_instances,
-            ready_s=max(s.planned_ready_s, now + OVERRUN_S) if s.chunk_running else None)
+            ready_s=ready_after(s.chunk_running, s.planned_ready_s, now, OVERRUN_S))
             for s in self.requests.values() if s.prefilled < s.prompt_tokens]
         if not pending or all(self.busy):
             return
         view = PrefillView(now, self._availability(now), tuple(not b for b in self.busy),
-                           tuple(pending), self.load)
+                           tuple(pending), self.load.load)
         decision = self.policy.decide(view, self.base_problem)
         if decision.result is not None:
             self.last_decision = decision
@@ -224,11 +225,7 @@ class Engine:
                 self._begin_chunk(state, launch)
 
     def _update_load(self, now: float) -> None:
-        dt = now - self.load_t
-        if dt > 0:
-            share = sum(self.busy) / len(self.busy)
-            self.load += -math.expm1(-dt / LOAD_TAU_S) * (share - self.load)
-            self.load_t = now
+        self.load.update(now, sum(self.busy) / len(self.busy))
 
     def _kv_shares(self, spec: ChunkSpec) -> dict[int, int]:
         return {g: tokens_on_rank(spec, g) for g in spec.ranks}

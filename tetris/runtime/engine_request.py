@@ -20,7 +20,6 @@ from tetris.runtime.engine_api import (
     RequestSummary,
     TokenEvent,
 )
-from tetris.runtime.kv_moves import KVMove
 
 
 class Phase(enum.Enum):
@@ -49,14 +48,10 @@ class EngineRequest:
     kv_instances: tuple[int, ...] = ()
     chunk_running: bool = False
     planned_ready_s: float = 0.0
-    chunk_started: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     last_token_wall: float = 0.0
-    first_chunk_wall: float | None = None
     sampler_state: object | None = None
     decode_ranks: tuple[int, ...] = ()  # world ranks, lead first
-    decode_shares: tuple[int, ...] = ()
-    kv_moves: tuple[KVMove, ...] = ()
     prefill_held: dict[int, int] = field(default_factory=dict)  # prefill instance -> KV tokens
     cancelled: bool = False
     events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)

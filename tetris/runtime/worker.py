@@ -12,8 +12,8 @@ they were submitted, so every group sees its operations in one global order (no 
 - KV transfer prefill → decode: gloo/NCCL point-to-point, one packed tensor per move
   (`benchmarks/kv_transfer_cpu.py` measured it 3–5× faster than Ray's object store here).
 - Decode: continuous batching (`decode_step`) over every request this rank leads or lends KV to.
-- KV space is checked then taken: `can_allocate` answers, `allocate` raises MemoryError if the
-  room is gone, and nothing is written before the room is taken.
+- KV space is checked then taken: the engine checks its ledger before launching, `allocate`
+  raises MemoryError if the room is gone, and nothing is written before the room is taken.
 """
 
 from __future__ import annotations
@@ -94,9 +94,6 @@ class InstanceWorker:
         return self.sp
 
     # -- KV space ---------------------------------------------------------------------------
-    def can_allocate(self, tokens: int) -> bool:
-        return self._sp.cache.can_allocate(tokens)
-
     def allocate(self, request_id: str, tokens: int) -> None:
         """Take room for `tokens` more KV tokens of the request; MemoryError if it is gone."""
         cache = self._sp.cache
