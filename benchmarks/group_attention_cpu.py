@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tetris.kernels.group import choose_strategy, comm_bytes, group_attention
+from tetris.runtime.ports import free_port
 
 WORLD = 2
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
@@ -77,12 +77,6 @@ def rank_main(rank: int, port: int) -> None:
         print(json.dumps({"world": WORLD, "threads_per_rank": 1, "dtype": "float32",
                           "results": results}, indent=1))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tetris.runtime.ports import free_port
 from tetris.runtime.ray_session import init_ray
 
 BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4
@@ -65,9 +65,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     ray = init_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     actor = ray.remote(num_cpus=0)(Peer)
     a, b = actor.remote(0, port), actor.remote(1, port)
     ray.get([a.setup.remote(), b.setup.remote()])

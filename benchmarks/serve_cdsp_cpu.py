@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ import urllib.request
 from typing import Any
 
 from tetris.runtime.deployment import deploy
+from tetris.runtime.ports import free_port
 from tetris.runtime.serve_config import ServeConfig
 from tetris.runtime.server.runner import ServerThread
 
@@ -49,10 +49,7 @@ def ask(url: str, words: int, max_tokens: int, out: dict[str, Any]) -> None:
 
 
 def run_setting(extra: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    deployment = deploy(ServeConfig(port=port, **extra))
+    deployment = deploy(ServeConfig(port=free_port(), **extra))
     try:
         with ServerThread(deployment) as url:
             ask(url, 16, 2, {})  # warm-up

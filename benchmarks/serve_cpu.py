@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import socket
 import statistics
 import sys
 import threading
@@ -23,6 +22,7 @@ import urllib.request
 from typing import Any
 
 from tetris.runtime.deployment import deploy
+from tetris.runtime.ports import free_port
 from tetris.runtime.serve_config import ServeConfig
 from tetris.runtime.server.runner import ServerThread
 
@@ -84,10 +84,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, nargs="+", default=[128, 1024, 256, 2048])
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    deployment = deploy(ServeConfig(port=port, max_queue=max(64, args.concurrency)))
+    deployment = deploy(ServeConfig(port=free_port(), max_queue=max(64, args.concurrency)))
     results: list[dict[str, Any]] = []
     lock = threading.Semaphore(args.concurrency)
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tetris.cli.main import main
+from tetris.runtime.ports import free_port
 from tetris.solver.calibration import Calibration
 
 
@@ -74,16 +75,11 @@ def test_serve_a_checkpoint_dir_without_calibration(
     """`tetris serve --model DIR --demo` for a checkpoint with no calibration on this host:
     it measures a quick one on the live actors, then answers the demo's chat request with a
     chunk plan."""
-    import socket
-
     model = tmp_path / "my-llama"
     model.mkdir()
     for f in smollm2_dir.iterdir():
         (model / f.name).symlink_to(f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rc = main(["serve", "--model", str(model), "--demo", "--port", str(port)])
+    rc = main(["serve", "--model", str(model), "--demo", "--port", str(free_port())])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "no calibration for my-llama" in err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 import traceback
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from tetris.kernels import attention, choose_strategy, group_attention
 from tetris.kernels.group import comm_bytes
+from tetris.runtime.ports import free_port
 
 JOIN_TIMEOUT_S = 60.0
 TOL = 1e-5
@@ -131,12 +131,6 @@ def first_cause(errors: Path) -> str:
     """The ranks' tracebacks, those not caused by a peer's broken connection first."""
     reports = [p.read_text() for p in sorted(errors.glob("rank*.txt"))]
     return "\n".join(sorted(reports, key=lambda text: "by peer" in text))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("world", [2, 3])

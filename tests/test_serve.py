@@ -6,7 +6,6 @@ metrics, the live plan, bad requests, and a client that leaves mid-stream."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from tetris.runtime.deployment import Deployment, deploy
+from tetris.runtime.ports import free_port
 from tetris.runtime.serve_config import ServeConfig
 from tetris.runtime.server.runner import ServerThread
 from tetris.solver.plan_json import PlanReport
@@ -33,12 +33,6 @@ PARAGRAPH = ("The history of astronomy is the story of how people came to unders
              "built calendars around them. Telescopes revealed moons around Jupiter. ")
 SHORT_CHATS = ["What is the capital of France?", "Name three colours.",
                "Write one sentence about the sea.", "Count from one to five."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

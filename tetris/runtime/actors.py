@@ -7,11 +7,11 @@ instance j. Actors ask for one GPU each when `device` is CUDA; on CPU they take 
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tetris.runtime.ports import free_port
 from tetris.runtime.worker import InstanceWorker, WorkerConfig
 
 SETUP_TIMEOUT_S = 600.0
@@ -19,9 +19,7 @@ SETUP_TIMEOUT_S = 600.0
 
 def _rendezvous() -> tuple[str, int]:
     """This node's address and a free port on it, for the world's TCP store (rank 0 hosts it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     import ray
 
     address = (str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]

@@ -11,7 +11,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from tetris.runtime.chunking import ChunkSpec
+from tetris.runtime.ports import free_port
 
 START_TIMEOUT_S = 300.0
 COMMAND_TIMEOUT_S = 600.0
@@ -33,12 +33,6 @@ class GroupConfig:
     world_size: int
     threads_per_rank: int = 1
     kv_tokens_per_rank: int = 1 << 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank_main(rank: int, config: GroupConfig, port: int, commands: Any, results: Any) -> None:
@@ -93,7 +87,7 @@ class LocalSPGroup:
     def __enter__(self) -> LocalSPGroup:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         for rank in range(self.config.world_size):
             commands = ctx.Queue()
             proc = ctx.Process(target=_rank_main, daemon=True,
