@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from tetris.ray_session import init_ray
 from tetris.runtime.ports import free_port
-from tetris.runtime.ray_session import init_ray
 
 BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4
 

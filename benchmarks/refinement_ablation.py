@@ -20,8 +20,8 @@ from typing import Any
 from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.prefill_policies import CdspPolicy, PrefillPolicy, SolverClock
 from tetris.evaluation.sim_config import SimConfig
-from tetris.evaluation.simulator import SimOptions, simulate_disaggregated
 from tetris.evaluation.workload_spec import load_workload
+from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
 
 TRACE = "mooncake:../shared/traces/mooncake_conversation_trace.jsonl"
 

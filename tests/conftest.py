@@ -27,7 +27,7 @@ def smollm2_dir() -> Path:
 def ray_session() -> object:
     """One private loopback Ray for the whole test session (startup costs 4-10 s)."""
     pytest.importorskip("ray")
-    from tetris.runtime.ray_session import init_ray
+    from tetris.ray_session import init_ray
 
     ray = init_ray(num_cpus=2)
     yield ray

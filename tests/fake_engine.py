@@ -21,7 +21,7 @@ from tetris.runtime.engine_api import (
     RequestSummary,
     TokenEvent,
 )
-from tetris.runtime.server.metrics import ServingMetrics
+from tetris.runtime.metrics import ServingMetrics
 
 LIVE_PLAN: dict[str, Any] = {
     "solver": {"name": "cp", "status": "optimal", "wall_ms": 3.5, "objective": 1.25,

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tetris.runtime.chunking import ChunkSpec, parse_chunks, zigzag_positions
+from tetris.runtime.chunking import parse_chunks, zigzag_positions
 from tetris.runtime.sampling import Sampler, SamplingParams
+from tetris.solver.plan import ChunkSpec
 
 
 def test_parse_nested_plan() -> None:

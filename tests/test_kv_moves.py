@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tetris.runtime.chunking import ChunkSpec, tokens_on_rank, zigzag_positions
+from tetris.runtime.chunking import zigzag_positions
 from tetris.runtime.kv_moves import KVMove, plan_kv_moves
+from tetris.solver.plan import ChunkSpec
 
 
 def test_one_source_one_destination_takes_everything() -> None:
@@ -58,4 +59,4 @@ def test_tokens_on_rank_counts_the_zigzag_split(start: int, n: int, ranks: list[
     chunk = ChunkSpec(start, start + n, tuple(ranks))
     for r in range(8):
         want = zigzag_positions(chunk, r).numel() if r in ranks else 0
-        assert tokens_on_rank(chunk, r) == want
+        assert chunk.tokens_on(r) == want

@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from tetris.evaluation.loongserve import LoongServeOptions, simulate_loongserve
-from tetris.evaluation.loongserve_batching import (
+from tetris.simulator.loongserve import LoongServeOptions, simulate_loongserve
+from tetris.simulator.loongserve.batching import (
     PrefillPredictor,
     Reservation,
     place_prefill_kv,
     plan_prefill_batches,
 )
-from tetris.evaluation.records import SimOutcome, SimRequest
+from tetris.simulator.records import SimOutcome, SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostCoefficients, CostModel
 from tetris.solver.hardware import HARDWARE_PRESETS

@@ -30,7 +30,7 @@ from tetris.evaluation.metrics import (
     write_request_csv,
     write_request_json,
 )
-from tetris.evaluation.records import ChunkRecord, RequestRecord, SimRequest
+from tetris.simulator.records import ChunkRecord, RequestRecord, SimRequest
 
 A_GAPS = [0.5, 0.25, 0.75, 0.5]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tetris.evaluation.plots import plot_attainment_vs_rate, plot_cdfs, plot_sweep
-from tetris.evaluation.records import RequestRecord, SimRequest
+from tetris.simulator.records import RequestRecord, SimRequest
 
 
 def run(scale: float) -> list[RequestRecord]:

@@ -13,9 +13,9 @@ import torch
 
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.kv_moves import plan_kv_moves
 from tetris.runtime.sampling import SamplingParams
+from tetris.solver.plan import ChunkSpec
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,14 +53,14 @@ def run_plan(ray: Any, pool: WorkerPool, rid: str, prompt: list[int], chunks: li
     sampling = SamplingParams(max_tokens=NEW_TOKENS)
     first = None
     for i, chunk in enumerate(chunks):
-        pool.ensure_group(chunk.ranks)
+        pool.ensure_group(chunk.instances)
         last = i == len(chunks) - 1
         results = ray.get([pool.prefill[r].prefill.remote(
             rid, chunk, prompt[chunk.start_token:chunk.end_token], sampling if last else None)
-            for r in chunk.ranks])
+            for r in chunk.instances])
         first = next((r for r in results if r.first_token is not None), first)
     assert first is not None
-    held = {r: sum(tokens_on_rank(c, r) for c in chunks) for r in chunks[-1].ranks}
+    held = {r: sum(c.tokens_on(r) for c in chunks) for r in chunks[-1].instances}
     dests = tuple(pool.num_prefill + j for j in decode_instances)
     moves, reserve = plan_kv_moves(held, dests, rooms, NEW_TOKENS - 1)
     ray.get([pool.prefill[r].send_kv.remote(rid, moves) for r in held]
@@ -111,7 +111,7 @@ def test_a_rank_without_kv_room_fails_the_whole_group_promptly(ray_session: Any,
     hog = pool.prefill_kv_tokens - 10
     ray_session.get(pool.prefill[0].allocate.remote("hog", hog))
     chunk = ChunkSpec(0, 100, (0, 1))
-    pool.ensure_group(chunk.ranks)
+    pool.ensure_group(chunk.instances)
     refs = [pool.prefill[r].prefill.remote("too-big", chunk, [1] * 100, None) for r in (0, 1)]
     for ref in refs:
         with pytest.raises(Exception, match="no KV room"):

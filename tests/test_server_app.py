@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from httpx2 import Response
 
 from tests.fake_engine import LIVE_PLAN, FakeEngine
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.server.app import create_app
-from tetris.runtime.server.metrics import ServingMetrics
 
 MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "abc"}]  # the fake's prompt "user: abc" → reply "cba :resu"

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.fake_engine import FakeEngine
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.server.app import create_app
-from tetris.runtime.server.metrics import ServingMetrics
 
 MODEL = "fake-model"
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from tests.fake_engine import FakeEngine
+from tetris.runtime.metrics import LATENCY_BUCKETS_S, ServingMetrics
 from tetris.runtime.server.app import create_app
-from tetris.runtime.server.metrics import LATENCY_BUCKETS_S, ServingMetrics
 
 
 def sample(text: str, name: str, labels: str = "") -> float:

@@ -14,8 +14,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from tests.fake_engine import FakeEngine
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.server.app import create_app
-from tetris.runtime.server.metrics import ServingMetrics
 
 MODEL = "fake-model"
 

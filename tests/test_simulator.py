@@ -5,14 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import linear_cost_model
-from tetris.evaluation.decode_pool import DecodePool
-from tetris.evaluation.events import (
-    PRIORITY_ARRIVAL,
-    PRIORITY_COMPLETE,
-    PRIORITY_DECIDE,
-    EventQueue,
-)
-from tetris.evaluation.noise import DurationNoise
 from tetris.evaluation.prefill_policies import (
     GREEDY_BASE_S,
     GREEDY_PER_PAIR_S,
@@ -21,8 +13,16 @@ from tetris.evaluation.prefill_policies import (
     SolverClock,
     StaticSpPolicy,
 )
-from tetris.evaluation.records import RequestRecord, SimRequest
-from tetris.evaluation.simulator import SimOptions, simulate_disaggregated
+from tetris.simulator.decode_pool import DecodePool
+from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
+from tetris.simulator.events import (
+    PRIORITY_ARRIVAL,
+    PRIORITY_COMPLETE,
+    PRIORITY_DECIDE,
+    EventQueue,
+)
+from tetris.simulator.noise import DurationNoise
+from tetris.simulator.records import RequestRecord, SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.dispatch import DecodeLoad, choose_decode_instances

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tetris.evaluation.records import RequestRecord
+from tetris.simulator.records import RequestRecord
 from tetris.solver.plan_json import ChunkOut, PlanReport, RequestPlanOut, SolverInfo
 
 US = 1e6  # Chrome trace times are microseconds

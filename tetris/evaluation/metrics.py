@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tetris.evaluation.records import RequestRecord
+from tetris.simulator.records import RequestRecord
 
 TBT_CRITERIA = ("mean", "p90", "p99", "max")
 PERCENTILES = (50.0, 90.0, 99.0)

@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tetris.evaluation.records import RequestRecord
+from tetris.simulator.records import RequestRecord
 
 FORMATS = {".png": "png", ".svg": "svg"}
 MAX_CDF_POINTS = 2000  # enough for a smooth curve; 4M raw gaps would make a huge SVG

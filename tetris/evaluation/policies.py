@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tetris.evaluation.loongserve import LoongServeOptions, simulate_loongserve
 from tetris.evaluation.prefill_policies import (
     CdspPolicy,
     DistServePolicy,
@@ -17,9 +16,10 @@ from tetris.evaluation.prefill_policies import (
     SolverClock,
     StaticSpPolicy,
 )
-from tetris.evaluation.records import SimOutcome, SimRequest
 from tetris.evaluation.sim_config import SimConfig
-from tetris.evaluation.simulator import SimOptions, simulate_disaggregated
+from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
+from tetris.simulator.loongserve import LoongServeOptions, simulate_loongserve
+from tetris.simulator.records import SimOutcome, SimRequest
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tetris.evaluation.records import SimRequest
 from tetris.evaluation.workload import TraceRequest
+from tetris.simulator.records import SimRequest
 from tetris.solver.calibration import Calibration
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel

@@ -18,9 +18,9 @@ from typing import Any
 from tetris.evaluation.capacity import fewest_instances, find_max_rate
 from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.policies import run_policy
-from tetris.evaluation.records import RequestRecord
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload import Workload
+from tetris.simulator.records import RequestRecord
 from tetris.solver.request import SloSpec
 
 DEFAULT_TARGET = 0.9
@@ -207,7 +207,7 @@ def run_parallel(tasks: Sequence[Task], *, jobs: int = 1, ray_address: str | Non
 
 
 def _run_ray(tasks: Sequence[Task], address: str) -> Iterator[tuple[int, Any]]:
-    from tetris.runtime.ray_session import init_ray
+    from tetris.ray_session import init_ray
 
     ray = init_ray(address)
     remote = ray.remote(num_cpus=1)(_call)

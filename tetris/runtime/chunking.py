@@ -9,25 +9,10 @@ a rank's tokens need not be contiguous; a chunk smaller than its group leaves so
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class ChunkSpec:
-    start_token: int
-    end_token: int
-    ranks: tuple[int, ...]
-
-    @property
-    def sp(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def tokens(self) -> int:
-        return self.end_token - self.start_token
-
+from tetris.solver.plan import ChunkSpec
 
 _ITEM = re.compile(r"^\s*(rest|\d+)\s*:\s*(\d+)\s*$")
 
@@ -76,26 +61,7 @@ def parse_chunks(text: str, prompt_tokens: int) -> list[ChunkSpec]:
 
 
 def zigzag_positions(chunk: ChunkSpec, rank: int) -> torch.Tensor:
-    """Token positions of `chunk` that `rank` computes (int64, ascending; maybe empty)."""
-    index = chunk.ranks.index(rank)
-    pieces = 2 * chunk.sp
-    bounds = [chunk.start_token + chunk.tokens * j // pieces for j in range(pieces + 1)]
-    mine = []
-    for piece in (index, pieces - 1 - index):
-        mine.append(torch.arange(bounds[piece], bounds[piece + 1], dtype=torch.int64))
-    return torch.cat(mine)
-
-
-def tokens_on_rank(chunk: ChunkSpec, rank: int) -> int:
-    """How many of `chunk`'s tokens `rank` computes (and keeps the KV of): the size of
-    `zigzag_positions(chunk, rank)`, without building it."""
-    if rank not in chunk.ranks:
-        return 0
-    index = chunk.ranks.index(rank)
-    pieces = 2 * chunk.sp
-
-    def bound(j: int) -> int:
-        return chunk.start_token + chunk.tokens * j // pieces
-
-    back = pieces - 1 - index
-    return bound(index + 1) - bound(index) + bound(back + 1) - bound(back)
+    """Token positions of `chunk` that `rank` computes (int64, ascending; maybe empty): the
+    split of `ChunkSpec.piece_bounds`."""
+    return torch.cat([torch.arange(a, b, dtype=torch.int64)
+                      for a, b in chunk.piece_bounds(chunk.instances.index(rank))])

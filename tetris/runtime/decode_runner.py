@@ -18,12 +18,12 @@ from typing import Protocol
 
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.engine_api import FinishReason
 from tetris.runtime.engine_request import EngineRequest, Phase
 from tetris.runtime.kv_moves import KVMove, plan_kv_moves
-from tetris.runtime.server.metrics import ServingMetrics
+from tetris.runtime.metrics import ServingMetrics
 from tetris.solver.dispatch import DecodeLoad, choose_decode_instances
+from tetris.solver.plan import ChunkSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class DecodeRunner:
                 return  # first come first served: wait for room to free up
             # The lead keeps the generated tokens: the instance with the most room leads.
             instances = sorted(placement.instances, key=lambda j: (self.reserved[j], j))
-            held = {g: sum(tokens_on_rank(ChunkSpec(c.start_token, c.end_token, c.instances),
-                                          g) for c in state.summary.chunks)
+            held = {g: sum(ChunkSpec(c.start_token, c.end_token, c.instances).tokens_on(g)
+                           for c in state.summary.chunks)
                     for g in state.kv_instances}
             p = self.pool.num_prefill
             dests = tuple(p + j for j in instances)

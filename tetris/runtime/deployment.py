@@ -9,16 +9,16 @@ from typing import Any
 from tetris.models.config import read_config
 from tetris.models.fetch import embedded_model, fetch_model
 from tetris.models.tokenizer import Tokenizer
+from tetris.ray_session import init_ray
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.engine import Engine, EngineOptions
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.profile import QUICK_GRID, Progress, calibrate, zero_coefficients
-from tetris.runtime.ray_session import init_ray
 from tetris.runtime.serve_config import (
     ServeConfig,
     configured_coefficients,
     serving_cost_model,
 )
-from tetris.runtime.server.metrics import ServingMetrics
 from tetris.solver.model_spec import ModelSpec, load_model_spec
 
 

@@ -34,7 +34,6 @@ from tetris.evaluation.prefill_policies import (
 from tetris.models.tokenizer import Tokenizer
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.admission import Limits, check_request
-from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.decode_runner import DecodeRunner
 from tetris.runtime.detokenize import Detokenizer
 from tetris.runtime.engine_api import (
@@ -44,11 +43,12 @@ from tetris.runtime.engine_api import (
     RequestSummary,
 )
 from tetris.runtime.engine_request import EngineError, EngineRequest, Phase, Stream
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.sampling import SamplingParams
-from tetris.runtime.server.metrics import ServingMetrics
 from tetris.runtime.worker import PrefillResult
 from tetris.solver.api import solve
 from tetris.solver.cost_model import CostModel
+from tetris.solver.plan import ChunkSpec
 from tetris.solver.plan_json import report_from_result
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.request import SloSpec
@@ -228,7 +228,7 @@ class Engine:
         self.load.update(now, sum(self.busy) / len(self.busy))
 
     def _kv_shares(self, spec: ChunkSpec) -> dict[int, int]:
-        return {g: tokens_on_rank(spec, g) for g in spec.ranks}
+        return {g: spec.tokens_on(g) for g in spec.instances}
 
     def _launchable(self, state: EngineRequest, launch: Launch) -> bool:
         """Check before acting: the request is still live and each instance of the group has
@@ -265,7 +265,7 @@ class Engine:
 
     async def _run_chunk(self, state: EngineRequest, spec: ChunkSpec, ids: list[int],
                          sampling: SamplingParams | None) -> None:
-        group = spec.ranks
+        group = spec.instances
         started = time.monotonic()
         # Every rank's call must return before its instance is free again: a failing rank's
         # peers may still be inside the chunk.
@@ -296,7 +296,7 @@ class Engine:
 
     def _chunk_done(self, state: EngineRequest, spec: ChunkSpec, seconds: float,
                     results: list[PrefillResult]) -> None:
-        state.record_chunk(spec.start_token, spec.end_token, spec.ranks, seconds)
+        state.record_chunk(spec.start_token, spec.end_token, spec.instances, seconds)
         self.metrics.count_chunk(spec.sp)
         if state.cancelled:
             self._release_prefill(state)

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tetris.runtime.chunking import ChunkSpec
 from tetris.runtime.local_group import LocalSPGroup
 from tetris.runtime.sampling import Sampler, SamplingParams
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.hardware import HARDWARE_PRESETS
 from tetris.solver.model_spec import ModelSpec
-from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.plan import ChunkPlan, ChunkSpec, RequestPlan
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.validator import validate_plans
 
@@ -53,7 +52,7 @@ def check_plan(model: ModelSpec, prompt_tokens: int, chunks: Sequence[ChunkSpec]
         block_tokens=1,
     )
     plan = RequestPlan("generate", tuple(
-        ChunkPlan(c.start_token, c.end_token, c.ranks, 0.0, 0.0) for c in chunks))
+        ChunkPlan(c.start_token, c.end_token, c.instances, 0.0, 0.0) for c in chunks))
     violations = validate_plans(problem, [plan], timing=False)
     if violations:
         raise ValueError("; ".join(v.message for v in violations))
@@ -64,7 +63,7 @@ def generate(group: LocalSPGroup, prompt_ids: list[int], chunks: list[ChunkSpec]
              request_id: str = "generate", strategy: str = "auto") -> Generation:
     """`strategy`: how SP ranks share attention — "gather_kv", "pass_q" or "auto" (by volume,
     see `tetris.kernels.group`)."""
-    last_group = chunks[-1].ranks
+    last_group = chunks[-1].instances
     decode_ranks = tuple(range(decode_sp or len(last_group)))
     if len(decode_ranks) > group.config.world_size:
         raise ValueError(f"decode SP {len(decode_ranks)} exceeds the {group.config.world_size} "

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from tetris.runtime.chunking import ChunkSpec
 from tetris.runtime.ports import free_port
+from tetris.solver.plan import ChunkSpec
 
 START_TIMEOUT_S = 300.0
 COMMAND_TIMEOUT_S = 600.0
@@ -158,7 +158,7 @@ class LocalSPGroup:
             started = time.perf_counter()
             answers = self.call("prefill", request_id, chunk,
                                 prompt_ids[chunk.start_token:chunk.end_token],
-                                i == len(chunks) - 1, strategy, ranks=chunk.ranks)
+                                i == len(chunks) - 1, strategy, ranks=chunk.instances)
             seconds.append(time.perf_counter() - started)
             found = [v for v in answers.values() if v is not None]
             if found:

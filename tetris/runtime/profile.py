@@ -21,11 +21,11 @@ import numpy as np
 
 from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.chunking import ChunkSpec
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.calibration import Calibration, Measurement, fit_coefficients, nnls
 from tetris.solver.cost_model import CostCoefficients
 from tetris.solver.model_spec import ModelSpec
+from tetris.solver.plan import ChunkSpec
 
 Progress = Callable[[str], None]
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from tetris.kernels.group import group_attention
 from tetris.models.kv_cache import KVCache, LocalAttend
 from tetris.models.llama import LlamaModel
-from tetris.runtime.chunking import ChunkSpec, zigzag_positions
+from tetris.runtime.chunking import zigzag_positions
+from tetris.solver.plan import ChunkSpec
 
 
 @dataclass
@@ -69,14 +70,14 @@ class SPWorker:
                 want_logits: bool, strategy: str = "auto") -> torch.Tensor | None:
         """Run this rank's share of `chunk` (token ids of the whole chunk given). Returns the
         logits of the chunk's last token on the rank that computed it, if `want_logits`."""
-        if self.rank not in chunk.ranks:
+        if self.rank not in chunk.instances:
             return None
         positions = zigzag_positions(chunk, self.rank)
         ids = torch.tensor(chunk_ids, dtype=torch.int64)[positions - chunk.start_token]
         # The model and the KV live on the instance's device (a GPU in production).
         ids, positions = ids.to(self.cache.device), positions.to(self.cache.device)
         self._reserve(request_id, positions.numel())
-        hidden = self.model(ids, positions, self._attend(request_id, chunk.ranks, strategy))
+        hidden = self.model(ids, positions, self._attend(request_id, chunk.instances, strategy))
         last = chunk.end_token - 1
         if want_logits and positions.numel() and int(positions[-1]) == last:
             return self.model.logits(hidden[-1:])[0]

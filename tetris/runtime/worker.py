@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from tetris.models.kv_cache import KVCache
 from tetris.runtime.batch_attend import BatchAttend, DecodeEntry
-from tetris.runtime.chunking import ChunkSpec, tokens_on_rank
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import Sampler, SamplingParams
 from tetris.runtime.sp_worker import SPWorker
+from tetris.solver.plan import ChunkSpec
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,15 @@ class InstanceWorker:
         """Every rank of the group checks its KV room, then they agree (one all-reduce): if
         one rank cannot run the chunk, all raise together instead of leaving the others
         waiting inside the chunk's collectives."""
-        need = tokens_on_rank(chunk, self.config.rank)
+        need = chunk.tokens_on(self.config.rank)
         room = self._sp.cache.num_free_tokens
         if chunk.sp > 1:
             flag = torch.tensor([1 if need <= room else 0], dtype=torch.int32,
                                 device=self._sp.cache.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sp.groups[chunk.ranks])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sp.groups[chunk.instances])
             if not flag.item():
                 raise MemoryError(f"chunk [{chunk.start_token}, {chunk.end_token}) of "
-                                  f"{request_id!r} on {chunk.ranks}: a rank has no KV room "
+                                  f"{request_id!r} on {chunk.instances}: a rank has no KV room "
                                   f"(rank {self.config.rank}: {need} needed, {room} free)")
         elif need > room:
             raise MemoryError(f"rank {self.config.rank}: no KV room for {need} tokens of "

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tetris import __version__
 from tetris.runtime.engine_api import EngineAPI, GenerationRequest
+from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.sampling import SamplingParams
 from tetris.runtime.server.errors import (
     ApiError,
@@ -27,7 +28,6 @@ from tetris.runtime.server.errors import (
     not_serving,
     server_error,
 )
-from tetris.runtime.server.metrics import ServingMetrics
 from tetris.runtime.server.protocol import (
     ApiFinish,
     AssistantMessage,

@@ -27,11 +27,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from tetris.evaluation.events import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE
-from tetris.evaluation.loongserve_batching import place_prefill_kv, plan_prefill_batches
-from tetris.evaluation.loongserve_compaction import LoongServeCompaction
-from tetris.evaluation.loongserve_types import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
-from tetris.evaluation.records import ChunkRecord, SimOutcome, SimRequest
+from tetris.simulator.events import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE
+from tetris.simulator.loongserve.batching import place_prefill_kv, plan_prefill_batches
+from tetris.simulator.loongserve.compaction import LoongServeCompaction
+from tetris.simulator.loongserve.types import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
+from tetris.simulator.records import ChunkRecord, SimOutcome, SimRequest
 from tetris.solver.cost_model import CostModel
 
 __all__ = ["LoongServeOptions", "LoongServeSim", "simulate_loongserve"]

@@ -8,9 +8,9 @@ that decide whether new prompts may take instances holding decode batches) and
 
 from __future__ import annotations
 
-from tetris.evaluation.loongserve_batching import Reservation
-from tetris.evaluation.loongserve_decode import LoongServeCore
-from tetris.evaluation.loongserve_types import Req
+from tetris.simulator.loongserve.batching import Reservation
+from tetris.simulator.loongserve.decode import LoongServeCore
+from tetris.simulator.loongserve.types import Req
 
 
 class LoongServeAdmission(LoongServeCore):

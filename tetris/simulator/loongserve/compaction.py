@@ -7,7 +7,7 @@ more instances, as long as one more prefill instance saves more time than the mo
 
 from __future__ import annotations
 
-from tetris.evaluation.loongserve_admission import LoongServeAdmission
+from tetris.simulator.loongserve.admission import LoongServeAdmission
 
 
 class LoongServeCompaction(LoongServeAdmission):

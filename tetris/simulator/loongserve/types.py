@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tetris.evaluation.records import RequestRecord
+from tetris.simulator.records import RequestRecord
 
 EPS_S = 1e-9
 

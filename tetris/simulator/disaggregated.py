@@ -23,14 +23,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tetris.evaluation.decode_pool import DecodePool
-from tetris.evaluation.events import (
-    PRIORITY_ARRIVAL,
-    PRIORITY_COMPLETE,
-    PRIORITY_DECIDE,
-    EventQueue,
-)
-from tetris.evaluation.noise import DurationNoise
 from tetris.evaluation.prefill_policies import (
     Launch,
     LoadTracker,
@@ -39,7 +31,15 @@ from tetris.evaluation.prefill_policies import (
     planner_availability,
     ready_after,
 )
-from tetris.evaluation.records import ChunkRecord, RequestRecord, SimOutcome, SimRequest
+from tetris.simulator.decode_pool import DecodePool
+from tetris.simulator.events import (
+    PRIORITY_ARRIVAL,
+    PRIORITY_COMPLETE,
+    PRIORITY_DECIDE,
+    EventQueue,
+)
+from tetris.simulator.noise import DurationNoise
+from tetris.simulator.records import ChunkRecord, RequestRecord, SimOutcome, SimRequest
 from tetris.solver.cost_model import CostModel
 from tetris.solver.problem import (
     DEFAULT_BLOCK_TOKENS,

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from tetris.evaluation.events import PRIORITY_COMPLETE, EventQueue
-from tetris.evaluation.noise import DurationNoise
-from tetris.evaluation.records import RequestRecord, SimRequest
+from tetris.simulator.events import PRIORITY_COMPLETE, EventQueue
+from tetris.simulator.noise import DurationNoise
+from tetris.simulator.records import RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
 from tetris.solver.dispatch import DecodeLoad, Placement, choose_decode_instances
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from tetris.evaluation.events import EventQueue
-from tetris.evaluation.loongserve_batching import PrefillPredictor
-from tetris.evaluation.loongserve_types import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
-from tetris.evaluation.noise import DurationNoise
-from tetris.evaluation.records import RequestRecord, SimRequest
+from tetris.simulator.events import EventQueue
+from tetris.simulator.loongserve.batching import PrefillPredictor
+from tetris.simulator.loongserve.types import EPS_S, Batch, Co, LoongServeOptions, Masters, Req
+from tetris.simulator.noise import DurationNoise
+from tetris.simulator.records import RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
 
 

@@ -1,0 +1,5 @@
+"""LoongServe-style elastic SP on unified instances (see docs/baselines-loongserve.md)."""
+
+from tetris.simulator.loongserve.sim import LoongServeOptions, simulate_loongserve
+
+__all__ = ["LoongServeOptions", "simulate_loongserve"]
