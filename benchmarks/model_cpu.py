@@ -44,7 +44,10 @@ def main() -> None:
     from tetris.models.tokenizer import Tokenizer
     from tetris.models.weights import load_model
     from tetris.runtime.chunking import parse_chunks
+    from tetris.runtime.generate import prefill_prompt
     from tetris.runtime.local_group import GroupConfig, LocalSPGroup
+    from tetris.runtime.sampling import SamplingParams
+    from tetris.runtime.worker_group import Call
 
     model_dir = resolve_model(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -71,14 +74,16 @@ def main() -> None:
     ours_s = best_of(args.repeats, ours_prefill)
     hf_s = best_of(args.repeats, hf_prefill)
     sp_seconds = {}
-    with LocalSPGroup(GroupConfig(model_dir, world_size=2)) as group:
+    # Only prefill is timed, so the group needs no decode rank.
+    with LocalSPGroup(GroupConfig(model_dir, prefill_ranks=2, decode_ranks=0)) as group:
         for sp in (1, 2):
             chunks = parse_chunks(f"rest:{sp}", n)
             times = []
             for i in range(args.repeats):
-                _, seconds = group.prefill(f"sp{sp}-{i}", ids, chunks)
-                group.call("free", f"sp{sp}-{i}")
-                times.append(seconds[0])
+                rid = f"sp{sp}-{i}"
+                _, runs = prefill_prompt(group, rid, ids, chunks, SamplingParams(max_tokens=1))
+                group.run([Call(r, "free", (rid,)) for r in range(sp)])
+                times.append(runs[0].seconds)
             sp_seconds[sp] = min(times)
     print(json.dumps({
         "benchmark": "model_cpu",

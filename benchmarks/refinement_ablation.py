@@ -2,7 +2,7 @@
 
 Runs the first N Mooncake requests, time-scaled to a high load, under four prefill policies:
 greedy; CP-SAT refining every decision *before* launching (its time limit charged to every
-decision); CP-SAT refining in the background (`refinement.BackgroundRefiner`, the `tetris`
+decision); CP-SAT refining in the background (`solver/policy/refinement.py`, the `tetris`
 policy); and CP-SAT before launching with its time not charged (an ideal, infinitely fast
 solver: the plan-quality gain alone). Prints JSON with TTFT percentiles and attainment.
 
@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from tetris.evaluation.metrics import compute_metrics
-from tetris.evaluation.prefill_policies import CdspPolicy, PrefillPolicy, SolverClock
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload_spec import load_workload
 from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
+from tetris.solver.policy.registry import make_policy
+from tetris.solver.policy.view import PrefillPolicy, SolverClock
 
 TRACE = "mooncake:../shared/traces/mooncake_conversation_trace.jsonl"
 
@@ -35,22 +36,21 @@ def main() -> int:
     config = SimConfig()
     workload = load_workload(TRACE).head(args.requests).scaled_to_rate(args.rate)
     requests = config.sim_requests(workload.requests)
-    limit = args.cp_time_limit_ms
+    cm = config.cost_model()
+    background = config.policy.model_copy(update={"time_limit_ms": args.cp_time_limit_ms})
+    before = background.model_copy(update={"refine": "before_launch"})
     variants: dict[str, PrefillPolicy] = {
-        "greedy": CdspPolicy("greedy"),
-        "cp_before_launch_charged": CdspPolicy("cp-before", solver="cp", time_limit_ms=limit,
-                                               refine="before_launch"),
-        "cp_background (tetris)": CdspPolicy("tetris", solver="cp", time_limit_ms=limit),
-        "cp_before_launch_free": CdspPolicy("cp-free", solver="cp", time_limit_ms=limit,
-                                            refine="before_launch", clock=SolverClock.FREE),
+        "greedy": make_policy("tetris-greedy", background, cm),
+        "cp_before_launch_charged": make_policy("tetris", before, cm),
+        "cp_background (tetris)": make_policy("tetris", background, cm),
+        "cp_before_launch_free": make_policy("tetris", before, cm, clock=SolverClock.FREE),
     }
     out: dict[str, Any] = {"trace": workload.name, "requests": len(requests),
                            "rate_rps": args.rate, "notes": list(workload.notes),
                            "cluster": config.model_dump(mode="json"), "variants": {}}
     for name, policy in variants.items():
         t0 = time.perf_counter()
-        outcome = simulate_disaggregated(requests, config.cost_model(), policy,
-                                         SimOptions(seed=config.seed))
+        outcome = simulate_disaggregated(requests, policy, SimOptions(seed=config.seed))
         m = compute_metrics(outcome.records).to_dict()
         out["variants"][name] = {
             k: m[k] for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_attainment",

@@ -22,12 +22,13 @@ from typing import Any
 
 from tetris.runtime.deployment import deploy
 from tetris.runtime.ports import free_port
-from tetris.runtime.serve_config import ServeConfig
+from tetris.runtime.serve_config import SERVE_POLICY, ServeConfig
 from tetris.runtime.server.runner import ServerThread
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "cdsp": {},
-    "one-chunk": {"max_chunks": 1, "quantum_s": None},
+    "one-chunk": {"policy": SERVE_POLICY.model_copy(
+        update={"max_chunks": 1, "quantum_s": None})},
 }
 
 

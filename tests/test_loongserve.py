@@ -7,12 +7,9 @@ import random
 import pytest
 
 from tetris.simulator.loongserve import LoongServeOptions, simulate_loongserve
-from tetris.simulator.loongserve.batching import (
-    PrefillPredictor,
-    Reservation,
-    place_prefill_kv,
-    plan_prefill_batches,
-)
+from tetris.simulator.loongserve.predictor import PrefillPredictor
+from tetris.simulator.loongserve.prefill_plan import place_prefill_kv, plan_prefill_batches
+from tetris.simulator.loongserve.reservation import Reservation
 from tetris.simulator.records import SimOutcome, SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostCoefficients, CostModel

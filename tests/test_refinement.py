@@ -7,12 +7,9 @@ from dataclasses import replace
 import pytest
 
 from tests.helpers import linear_cost_model, problem, request
-from tetris.evaluation.refinement import (
-    BackgroundRefiner,
-    problem_after,
-    retime,
-)
 from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.policy.refinement import BackgroundRefiner, problem_after, retime
+from tetris.solver.policy.refinement_runs import InlineRun
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.validator import validate_plans
 
@@ -54,9 +51,9 @@ def test_refined_plan_is_used_only_when_ready_current_and_better() -> None:
     def at(now: float, *rs: PendingRequest) -> Problem:
         return problem(cm, (0.0, 0.0), *(rs or reqs), now_s=now)
 
-    refiner = BackgroundRefiner(time_limit_ms=50.0, charge_measured=False)
+    refiner = BackgroundRefiner(InlineRun(time_limit_ms=50.0))
     assert refiner.start(at(0.0))
-    assert refiner.busy(0.01) and not refiner.busy(0.05)
+    assert refiner.run.busy(0.01) and not refiner.run.busy(0.05)
     assert not refiner.start(at(0.01))  # one CP-SAT run at a time
     assert refiner.take(at(0.01), None) is None  # still running: 50 ms not over
     moved = replace(reqs[0], prefilled_tokens=512, kv_instances=(0,))
@@ -74,7 +71,7 @@ def test_refined_plan_takes_newcomers_after_its_own_requests() -> None:
     requests' work on its instances."""
     cm = linear_cost_model(2)
     reqs = (request("a", 1024, slo=5.0), request("b", 1024, slo=5.0))
-    refiner = BackgroundRefiner(time_limit_ms=20.0, charge_measured=False)
+    refiner = BackgroundRefiner(InlineRun(time_limit_ms=20.0))
     assert refiner.start(problem(cm, (0.0, 0.0), *reqs))
     late = request("c", 512, arrival=0.05, slo=5.0)
     now = problem(cm, (0.0, 0.0), *reqs, late, now_s=0.05)
@@ -91,5 +88,5 @@ def test_refined_plan_takes_newcomers_after_its_own_requests() -> None:
 def test_refiner_skips_when_fewer_than_two_wait() -> None:
     """With one request waiting there is no order to choose: no refinement runs."""
     cm = linear_cost_model(2)
-    refiner = BackgroundRefiner(time_limit_ms=20.0, charge_measured=False)
+    refiner = BackgroundRefiner(InlineRun(time_limit_ms=20.0))
     assert not refiner.start(problem(cm, (0.0, 0.0), request("a", 512)))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tetris.runtime.actors import WorkerPool
-from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.kv_moves import plan_kv_moves
+from tetris.runtime.generate import generate
 from tetris.runtime.sampling import SamplingParams
+from tetris.runtime.worker_group import Call, RayWorkerGroup
 from tetris.solver.plan import ChunkSpec
 
 transformers = pytest.importorskip("transformers")
@@ -48,36 +48,16 @@ def prompt_and_reference(smollm2_dir: Path) -> tuple[list[int], list[int]]:
 
 def run_plan(ray: Any, pool: WorkerPool, rid: str, prompt: list[int], chunks: list[ChunkSpec],
              decode_instances: tuple[int, ...], rooms: tuple[int, ...]) -> list[int]:
-    """Drive the actors as the engine does: chunks on their groups, the KV moved to the decode
-    ranks, then one decode step at a time."""
-    sampling = SamplingParams(max_tokens=NEW_TOKENS)
-    first = None
-    for i, chunk in enumerate(chunks):
-        pool.ensure_group(chunk.instances)
-        last = i == len(chunks) - 1
-        results = ray.get([pool.prefill[r].prefill.remote(
-            rid, chunk, prompt[chunk.start_token:chunk.end_token], sampling if last else None)
-            for r in chunk.instances])
-        first = next((r for r in results if r.first_token is not None), first)
-    assert first is not None
-    held = {r: sum(c.tokens_on(r) for c in chunks) for r in chunks[-1].instances}
-    dests = tuple(pool.num_prefill + j for j in decode_instances)
-    moves, reserve = plan_kv_moves(held, dests, rooms, NEW_TOKENS - 1)
-    ray.get([pool.prefill[r].send_kv.remote(rid, moves) for r in held]
-            + [pool.actor(d).recv_kv.remote(rid, moves, n, *((sampling, first.sampler_state)
-                                                             if k == 0 else ()))
-               for k, (d, n) in enumerate(zip(dests, reserve, strict=True))])
-    # The prefill KV was handed over and freed.
-    assert ray.get([pool.prefill[r].free_tokens.remote() for r in held]) == \
-        [pool.prefill_kv_tokens] * len(held)
-    pool.ensure_group(dests)
-    tokens = [first.first_token]
-    while len(tokens) < NEW_TOKENS:
-        entry = DecodeEntry(rid, tokens[-1], len(prompt) + len(tokens) - 1, dests[0], dests)
-        answers = ray.get([pool.actor(d).decode_step.remote([entry]) for d in dests])
-        tokens.append(answers[0][rid])
-    ray.get([pool.actor(d).free.remote(rid) for d in dests])
-    return tokens
+    """Drive the actors with `tetris generate`'s driver, which drives them as the engine does:
+    chunks on their groups, the KV moved to the decode ranks, then one decode step at a time."""
+    workers = RayWorkerGroup(ray, pool)
+    result = generate(workers, prompt, chunks, SamplingParams(max_tokens=NEW_TOKENS), eos_ids=(),
+                      decode_instances=decode_instances, rooms=rooms, request_id=rid)
+    # The prefill KV was handed over and freed, the decode KV freed at the end.
+    free = workers.run([Call(r, "free_tokens") for r in range(workers.world_size)])
+    assert free == [pool.prefill_kv_tokens] * pool.num_prefill \
+        + [pool.decode_kv_tokens] * len(pool.decode)
+    return result.token_ids
 
 
 def test_three_chunks_sp_growing_1_to_2_match_hf(ray_session: Any, pool: WorkerPool,

@@ -1,5 +1,6 @@
-"""The embedded SmolLM2-135M-Instruct: chunked SP prefill and SP decode on real local processes
-generate exactly HF transformers' greedy tokens, for a prompt over 1,500 tokens and a chat one."""
+"""The embedded SmolLM2-135M-Instruct: chunked SP prefill, the KV moved to separate decode
+processes and decode there (as the engine drives its workers) generate exactly HF transformers'
+greedy tokens, for a prompt over 1,500 tokens and a chat one."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ PARAGRAPH = (
 
 @pytest.fixture(scope="module")
 def group(smollm2_dir: Path) -> Iterator[LocalSPGroup]:
-    with LocalSPGroup(GroupConfig(smollm2_dir, world_size=4)) as g:
+    with LocalSPGroup(GroupConfig(smollm2_dir, prefill_ranks=4, decode_ranks=2)) as g:
         yield g
 
 
@@ -57,14 +58,14 @@ def reference(
     return out[0, len(prompt):].tolist(), first_logits
 
 
-def long_plans(n: int) -> list[tuple[str, int | None]]:
-    """Six plans over an n-token prompt (see test docstring)."""
+def long_plans(n: int) -> list[tuple[str, int]]:
+    """Six (plan, decode SP) over an n-token prompt (see test docstring)."""
     return [
-        ("rest:1", None),
-        ("rest:2", None),
-        ("512:1,512:2,rest:3", None),
-        ("300:1,700:2,rest:4", None),
-        (f"{n - 3}:2,rest:4", None),
+        ("rest:1", 1),
+        ("rest:2", 1),
+        ("512:1,512:2,rest:3", 1),
+        ("300:1,700:2,rest:4", 1),
+        (f"{n - 3}:2,rest:4", 1),
         ("768:1,rest:2", 2),
     ]
 
@@ -72,8 +73,8 @@ def long_plans(n: int) -> list[tuple[str, int | None]]:
 def test_long_prompt_every_plan_matches_hf(group: LocalSPGroup, hf_model: object,
                                            tokenizer: object) -> None:
     """A 1,500+-token prompt through: one chunk SP 1; one chunk SP 2; SP 1→2→3; uneven chunks
-    1→2→4; a last chunk of 3 tokens on SP 4; decode with the KV over 2 ranks. Greedy 32 tokens
-    equal HF's and first-token logits agree within 1e-3 relative."""
+    1→2→4; a last chunk of 3 tokens on SP 4; decode with the KV over 2 decode ranks (else 1).
+    Greedy 32 tokens equal HF's and first-token logits agree within 1e-3 relative."""
     prompt = tokenizer.encode(PARAGRAPH * 19 + "\nSummarize the text above in one sentence:")  # type: ignore[attr-defined]
     assert len(prompt) >= 1500
     eos = sorted(tokenizer.eos_ids)  # type: ignore[attr-defined]
@@ -86,11 +87,12 @@ def test_long_prompt_every_plan_matches_hf(group: LocalSPGroup, hf_model: object
         assert float(error) < 1e-3, plan
 
 
-@pytest.mark.parametrize(("kind", "plan"), [("chat", "half:1,rest:2"), ("plain", "2:1,rest:3")])
+@pytest.mark.parametrize(("kind", "plan", "decode_sp"),
+                         [("chat", "half:1,rest:2", 2), ("plain", "2:1,rest:3", 1)])
 def test_short_prompts_match_hf(group: LocalSPGroup, hf_model: object, tokenizer: object,
-                                kind: str, plan: str) -> None:
-    """A chat-templated prompt prefilled 1→2 and decoded over 2 ranks; a plain prompt whose
-    3-rank chunk is about as short as its group. Both equal HF's greedy tokens."""
+                                kind: str, plan: str, decode_sp: int) -> None:
+    """A chat-templated prompt prefilled 1→2 and decoded over 2 decode ranks; a plain prompt
+    whose 3-rank chunk is about as short as its group. Both equal HF's greedy tokens."""
     if kind == "chat":
         prompt = tokenizer.encode_chat(  # type: ignore[attr-defined]
             [{"role": "user", "content": "What is the capital of France? Answer briefly."}])
@@ -100,5 +102,5 @@ def test_short_prompts_match_hf(group: LocalSPGroup, hf_model: object, tokenizer
     expected, _ = reference(hf_model, prompt, eos)
     plan = plan.replace("half", str(len(prompt) // 2))
     result = generate(group, prompt, parse_chunks(plan, len(prompt)),
-                      SamplingParams(max_tokens=NEW_TOKENS), eos)
+                      SamplingParams(max_tokens=NEW_TOKENS), eos, decode_sp=decode_sp)
     assert result.token_ids == expected

@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p = subparsers.add_parser(
         "generate", help="run one request through a chunk plan on local processes",
         description="Prefill a prompt chunk by chunk, each chunk on its own SP group of local "
-        "processes (nested: ranks 0..SP-1), then decode with the KV spread over the decode "
-        "ranks. Greedy unless --temperature is given.",
+        "processes (nested: ranks 0..SP-1), move its KV to separate decode processes and decode "
+        "there, driven as the serving daemon drives its workers. Greedy unless --temperature "
+        "is given.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2",
@@ -33,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--chunks", default="rest:1", metavar="TOKENS:SP,...",
                    help="chunk plan, e.g. 512:1,1024:2,rest:4 (default rest:1)")
-    p.add_argument("--decode-sp", type=positive_int, help="ranks holding the KV during decode "
-                   "(default: the last chunk's SP)")
+    p.add_argument("--decode-sp", type=positive_int, default=1,
+                   help="decode ranks holding the KV during decode: separate processes from "
+                   "the prefill ranks, as in the daemon (default 1)")
     p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0)
     p.add_argument("--top-p", type=positive_float, default=1.0)
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from tetris.runtime.generate import check_plan, generate
     from tetris.runtime.local_group import GroupConfig, LocalSPGroup
     from tetris.runtime.sampling import SamplingParams
-    from tetris.solver.model_spec import model_spec_from_hf_config
+    from tetris.solver.model_spec import model_spec_of
 
     try:
         model_dir = for_option("--model", resolve_model, args.model)
@@ -80,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
                          f"exceeds the model's context of {config.max_position_embeddings}")
     chunks = for_option("--chunks", parse_chunks, args.chunks, len(prompt_ids))
-    world = max(chunks[-1].sp, args.decode_sp or 1)
-    spec = model_spec_from_hf_config(config.to_hf_dict(), name=model_dir.name)
-    for_option("--chunks", check_plan, spec, len(prompt_ids), chunks, world)
+    prefill_ranks = max(c.sp for c in chunks)
+    spec = model_spec_of(config)
+    for_option("--chunks", check_plan, spec, len(prompt_ids), chunks, prefill_ranks)
     sampling = for_option("--temperature", SamplingParams, args.temperature, args.top_p,
                           args.seed, args.max_tokens)
-    with LocalSPGroup(GroupConfig(model_dir, world)) as group:
+    # Decode ranks are processes of their own, as the daemon's decode instances are.
+    with LocalSPGroup(GroupConfig(model_dir, prefill_ranks, args.decode_sp)) as group:
         result = generate(group, prompt_ids, chunks, sampling, sorted(tokenizer.eos_ids),
                           decode_sp=args.decode_sp, strategy=args.strategy)
     answer = tokenizer.decode([t for t in result.token_ids if t not in tokenizer.eos_ids])
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             "prompt_tokens": result.prompt_tokens,
             "token_ids": result.token_ids,
             "text": answer,
-            "chunks": [{"start_token": c.start_token, "end_token": c.end_token, "sp": c.sp,
+            "chunks": [{"start_token": c.start_token, "end_token": c.end_token,
+                        "sp": len(c.instances), "instances": list(c.instances),
                         "seconds": round(c.seconds, 6)} for c in result.chunks],
             "first_token_s": round(result.first_token_s, 6),
             "decode_tokens_per_s": result.decode_tokens_per_s,
@@ -103,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(answer)
         for c in result.chunks:
-            print(f"  chunk [{c.start_token}, {c.end_token}) on SP {c.sp}: {c.seconds:.3f} s",
-                  file=sys.stderr)
+            print(f"  chunk [{c.start_token}, {c.end_token}) on SP {len(c.instances)}: "
+                  f"{c.seconds:.3f} s", file=sys.stderr)
     return 0

@@ -33,7 +33,7 @@ from tetris.solver.hardware import load_hardware
 from tetris.solver.model_spec import ModelSpec, load_model_spec
 from tetris.solver.plan_json import report_from_result
 from tetris.solver.problem import DEFAULT_BLOCK_TOKENS, PendingRequest, Problem
-from tetris.solver.request import SloSpec
+from tetris.solver.slo import SloSpec
 
 SOLVERS = tuple(PLANNERS)
 GANTT_SUFFIXES = (".png", ".svg")

@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
             hardware, base = "cpu", zero_coefficients()
         else:
             hardware = config.hardware
-            base = CostCoefficients.from_specs(workers.spec, load_hardware(hardware))
+            base = CostCoefficients.from_specs(workers.model.spec, load_hardware(hardware))
         calibration, decode_fit, rows = calibrate(
-            workers.ray, workers.pool, workers.spec, hardware, base, grid,
+            workers.ray, workers.pool, workers.model.spec, hardware, base, grid,
             progress=lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         workers.pool.shutdown(workers.ray)

@@ -17,16 +17,16 @@ from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload import Workload
 from tetris.evaluation.workload_spec import load_workload
 
-# flag dest -> SimConfig field
+# flag dest -> SimConfig field ("policy.x": field x of its PolicySettings)
 CONFIG_FLAGS = {
     "model": "model", "hardware": "hardware", "calibration": "calibration",
     "prefill_instances": "prefill_instances", "decode_instances": "decode_instances",
     "gpus_per_node": "gpus_per_node", "slo_reference_gpus": "slo_reference_gpus",
     "tbt_criterion": "tbt_criterion", "seed": "seed", "noise_cv": "noise_cv",
-    "solver_clock": "solver_clock", "cp_time_limit_ms": "cp_time_limit_ms",
-    "milp_time_limit_ms": "milp_time_limit_ms", "static_sp": "static_sp",
-    "distserve_group": "distserve_group", "decode_max_batch": "decode_max_batch",
-    "max_planned": "max_planned", "loongserve_dp": "loongserve_dp",
+    "solver_clock": "solver_clock", "cp_time_limit_ms": "policy.time_limit_ms",
+    "milp_time_limit_ms": "policy.milp_time_limit_ms", "static_sp": "policy.static_sp",
+    "distserve_group": "policy.distserve_group", "decode_max_batch": "policy.decode_max_batch",
+    "max_planned": "policy.max_planned", "loongserve_dp": "loongserve_dp",
 }
 
 
@@ -110,7 +110,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     for dest, name in CONFIG_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
-            data[name] = value
+            section, _, field = name.rpartition(".")
+            target = data.setdefault(section, {}) if section else data
+            target[field] = value
     slo = dict(data.get("slo") or {"ttft_scale": 5.0, "tbt_s": 0.1})
     if args.ttft_slo is not None:
         slo.pop("ttft_scale", None)

@@ -1,7 +1,9 @@
-"""The policy registry: every serving policy the simulator can replay a trace under.
+"""Every serving policy a simulation can replay a trace under, by name.
 
 Every policy gets the same total GPUs (`SimConfig.total_gpus`): the disaggregated ones split them
-into the configured prefill and decode pools, LoongServe uses them all as unified instances.
+into the configured prefill and decode pools and run the prefill policy that
+`tetris.solver.policy.make_policy` builds (the one `tetris serve` runs too); LoongServe uses them
+all as unified instances.
 """
 
 from __future__ import annotations
@@ -9,17 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tetris.evaluation.prefill_policies import (
-    CdspPolicy,
-    DistServePolicy,
-    PrefillPolicy,
-    SolverClock,
-    StaticSpPolicy,
-)
 from tetris.evaluation.sim_config import SimConfig
 from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
 from tetris.simulator.loongserve import LoongServeOptions, simulate_loongserve
 from tetris.simulator.records import SimOutcome, SimRequest
+from tetris.solver.policy.registry import POLICIES as PREFILL_POLICIES
+from tetris.solver.policy.registry import make_policy
+from tetris.solver.policy.view import SolverClock
 
 
 @dataclass(frozen=True)
@@ -30,25 +28,13 @@ class PolicyInfo:
     run: Callable[[Sequence[SimRequest], SimConfig], SimOutcome]
 
 
-def _options(config: SimConfig) -> SimOptions:
-    return SimOptions(seed=config.seed, noise_cv=config.noise_cv,
-                      decode_max_batch=config.decode_max_batch)
-
-
-def _disaggregated(make: Callable[[SimConfig], PrefillPolicy]) -> Callable[
-        [Sequence[SimRequest], SimConfig], SimOutcome]:
+def _disaggregated(name: str) -> Callable[[Sequence[SimRequest], SimConfig], SimOutcome]:
     def run(requests: Sequence[SimRequest], config: SimConfig) -> SimOutcome:
-        return simulate_disaggregated(requests, config.cost_model(), make(config),
-                                      _options(config))
+        policy = make_policy(name, config.policy, config.cost_model(),
+                             clock=SolverClock(config.solver_clock))
+        return simulate_disaggregated(requests, policy,
+                                      SimOptions(seed=config.seed, noise_cv=config.noise_cv))
     return run
-
-
-def _cdsp(name: str, solver: str) -> Callable[[SimConfig], PrefillPolicy]:
-    def make(config: SimConfig) -> PrefillPolicy:
-        limit = config.milp_time_limit_ms if solver == "milp" else config.cp_time_limit_ms
-        return CdspPolicy(name, solver=solver, time_limit_ms=limit,
-                          clock=SolverClock(config.solver_clock), max_planned=config.max_planned)
-    return make
 
 
 def _loongserve(requests: Sequence[SimRequest], config: SimConfig) -> SimOutcome:
@@ -59,22 +45,12 @@ def _loongserve(requests: Sequence[SimRequest], config: SimConfig) -> SimOutcome
 
 
 POLICIES: dict[str, PolicyInfo] = {
-    p.name: p for p in (
-        PolicyInfo("tetris", "CDSP: greedy decisions refined by CP-SAT when requests queue",
-                   "disaggregated", _disaggregated(_cdsp("tetris", "cp"))),
-        PolicyInfo("tetris-greedy", "CDSP with the greedy planner only", "disaggregated",
-                   _disaggregated(_cdsp("tetris-greedy", "greedy"))),
-        PolicyInfo("tetris-milp", "CDSP planned by the MILP (small runs only)", "disaggregated",
-                   _disaggregated(_cdsp("tetris-milp", "milp"))),
-        PolicyInfo("loongserve", "LoongServe-style elastic SP on unified instances", "unified",
-                   _loongserve),
-        PolicyInfo("distserve", "DistServe-style disaggregation, fixed prefill groups, FCFS",
-                   "disaggregated", _disaggregated(
-                       lambda c: DistServePolicy("distserve", c.distserve_group))),
-        PolicyInfo("static-sp", "disaggregated, one chunk per request at a fixed SP size",
-                   "disaggregated", _disaggregated(
-                       lambda c: StaticSpPolicy("static-sp", c.static_sp))),
-    )
+    **{name: PolicyInfo(name, summary, "disaggregated", _disaggregated(name))
+       for name, (summary, _) in PREFILL_POLICIES.items() if name.startswith("tetris")},
+    "loongserve": PolicyInfo("loongserve", "LoongServe-style elastic SP on unified instances",
+                             "unified", _loongserve),
+    **{name: PolicyInfo(name, summary, "disaggregated", _disaggregated(name))
+       for name, (summary, _) in PREFILL_POLICIES.items() if not name.startswith("tetris")},
 }
 
 

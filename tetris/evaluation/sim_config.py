@@ -22,7 +22,8 @@ from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.hardware import load_hardware
 from tetris.solver.model_spec import load_model_spec
-from tetris.solver.request import SloSpec
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.slo import SloSpec
 
 DEFAULT_SLO = SloSpec(ttft_scale=5.0, tbt_s=0.1)
 
@@ -44,22 +45,15 @@ class SimConfig(BaseModel):
     seed: int = 0
     noise_cv: float = Field(default=0.0, ge=0)
     solver_clock: Literal["modeled", "measured", "free"] = "modeled"
-    cp_time_limit_ms: float = Field(default=20.0, gt=0)
-    milp_time_limit_ms: float = Field(default=2000.0, gt=0)
-    max_planned: int = Field(default=32, gt=0)
-    decode_max_batch: int = Field(default=256, gt=0)
-    static_sp: int = Field(default=4, gt=0, description="SP size of the static-sp policy")
-    distserve_group: int = Field(default=2, gt=0, description="distserve prefill group size")
+    policy: PolicySettings = Field(default_factory=PolicySettings, description="the "
+                                   "policies' settings, shared with `tetris serve`")
     loongserve_dp: Literal["released", "full"] = Field(
         default="released", description="LoongServe's batching DP as its code runs it (its "
         "pruning never splits a batch) or the full DP of its paper; docs/baselines-loongserve.md")
 
     @model_validator(mode="after")
     def _sizes(self) -> SimConfig:
-        for name in ("static_sp", "distserve_group"):
-            if getattr(self, name) > self.prefill_instances:
-                raise ValueError(f"{name} ({getattr(self, name)}) exceeds prefill_instances "
-                                 f"({self.prefill_instances})")
+        self.policy.check_cluster(self.prefill_instances)
         return self
 
     @property

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
+from pydantic import BaseModel
+
 from tetris.evaluation.capacity import fewest_instances, find_max_rate
 from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.policies import run_policy
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload import Workload
 from tetris.simulator.records import RequestRecord
-from tetris.solver.request import SloSpec
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.slo import SloSpec
 
 DEFAULT_TARGET = 0.9
 DEFAULT_REL_TOL = 0.03
@@ -122,10 +125,13 @@ def split_gpus(config: SimConfig, total: int) -> SimConfig:
         raise ValueError(f"a disaggregated cluster needs at least 2 GPUs, got {total}")
     prefill = round(total * config.prefill_instances / config.total_gpus)
     prefill = min(total - 1, max(1, prefill))
-    update = {"prefill_instances": prefill, "decode_instances": total - prefill,
-              "static_sp": min(config.static_sp, prefill),
-              "distserve_group": min(config.distserve_group, prefill)}
-    return SimConfig.model_validate(config.model_dump() | update)
+    p = config.policy
+    policy = p.model_copy(update={
+        "static_sp": min(p.static_sp, prefill), "distserve_group": min(p.distserve_group, prefill),
+        "max_sp": None if p.max_sp is None else min(p.max_sp, prefill)})
+    return SimConfig.model_validate(config.model_dump() | {
+        "prefill_instances": prefill, "decode_instances": total - prefill,
+        "policy": policy.model_dump()})
 
 
 def run_gpu_unit(workload: Workload, unit: GpuUnit) -> dict[str, Any]:
@@ -156,22 +162,31 @@ def sweep_points(sweeps: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, 
 
 
 def apply_point(config: SimConfig, point: dict[str, Any]) -> SimConfig:
-    unknown = [k for k in point if k.split(".")[0] not in SimConfig.model_fields
-               or (k.startswith("slo.") and k[4:] not in SloSpec.model_fields)]
+    """`config` with each `field` (or `slo.field`, `policy.field`) of `point` set."""
+    sections: dict[str, type[BaseModel]] = {"slo": SloSpec, "policy": PolicySettings}
+    unknown = []
+    for key in point:
+        section, _, name = key.partition(".")
+        known = (name in sections[section].model_fields if section in sections and name
+                 else not name and key in SimConfig.model_fields and key not in sections)
+        if not known:
+            unknown.append(key)
     if unknown:
-        raise ValueError(f"cannot sweep unknown setting(s) {', '.join(unknown)}: use one of "
-                         f"{', '.join(SimConfig.model_fields)}")
+        raise ValueError(
+            f"cannot sweep unknown setting(s) {', '.join(unknown)}: use one of "
+            f"{', '.join(k for k in SimConfig.model_fields if k not in sections)}, "
+            + ", ".join(f"{s}.<{'|'.join(m.model_fields)}>" for s, m in sections.items()))
     data = config.model_dump()
     for key, value in point.items():
-        if key.startswith("slo."):
-            slo = dict(data["slo"], **{key[4:]: value})
-            if key == "slo.ttft_scale":
-                slo["ttft_s"] = None  # the two TTFT forms exclude each other
-            elif key == "slo.ttft_s":
-                slo["ttft_scale"] = None
-            data["slo"] = slo
-        else:
+        section, _, name = key.partition(".")
+        if not name:
             data[key] = value
+            continue
+        data[section] = dict(data[section], **{name: value})
+        if key == "slo.ttft_scale":
+            data["slo"]["ttft_s"] = None  # the two TTFT forms exclude each other
+        elif key == "slo.ttft_s":
+            data["slo"]["ttft_scale"] = None
     return SimConfig.model_validate(data)
 
 

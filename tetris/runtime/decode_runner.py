@@ -1,11 +1,14 @@
 """The engine's decode side: placement on decode instances, KV transfer, continuous batching.
 
-Prefilled requests queue first-come first-served. The head is placed by the decode dispatcher
-(`solver.dispatch.choose_decode_instances`, the simulator's): the least-loaded decode instance
-with room for its whole KV (prompt plus every token it may generate), or, when none has room,
-the fewest instances whose free room covers it (decode SP). Its KV then moves point to point
-from the prefill ranks holding it (`kv_moves.plan_kv_moves`). Every step runs one token of every
-decoding request: each decode actor gets the entries it leads or lends KV to, all at once.
+Prefilled requests wait in the policy's `DecodeQueue`, first come first served. `admit` (run by
+the engine's scheduling loop after each decision) places the head with the decode dispatcher
+(`choose_decode_instances`, the simulator's) on the ledger's decode loads: the least-loaded
+decode instance with room for its whole KV (prompt plus every token it may generate), or, when
+none has room, the fewest instances whose free room covers it (decode SP). The instance with the
+most room leads (it keeps the generated tokens); the prompt's KV then moves point to point from
+the prefill ranks holding it (`kv_moves.plan_kv_moves`), which are held busy meanwhile. Once its
+KV is in, the request joins the batch: every step runs one token of every decoding request,
+each decode rank getting the entries it leads or lends KV to, all at once.
 """
 
 from __future__ import annotations
@@ -13,197 +16,146 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any
 
-from tetris.runtime.actors import WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.engine_api import FinishReason
 from tetris.runtime.engine_request import EngineRequest, Phase
+from tetris.runtime.instance_pool import InstancePool
 from tetris.runtime.kv_moves import KVMove, plan_kv_moves
+from tetris.runtime.live_requests import LiveRequests
 from tetris.runtime.metrics import ServingMetrics
-from tetris.solver.dispatch import DecodeLoad, choose_decode_instances
-from tetris.solver.plan import ChunkSpec
+from tetris.solver.policy.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 
-class PrefillSide(Protocol):
-    """What the decode side needs of the engine's prefill side."""
-
-    def try_hold(self, instances: Sequence[int]) -> bool: ...
-
-    def release(self, instances: Sequence[int]) -> None: ...
-
-    def prefill_kv_moved(self, state: EngineRequest, free_remote: bool) -> None: ...
-
-
 class DecodeRunner:
-    def __init__(self, pool: WorkerPool, max_batch: int, max_sp: int,
-                 metrics: ServingMetrics, prefill: PrefillSide) -> None:
-        self.pool, self.max_batch, self.metrics = pool, max_batch, metrics
-        self.prefill = prefill
-        self.max_sp = max(1, min(max_sp, len(pool.decode)))
-        self.queue: list[EngineRequest] = []
+    def __init__(self, pool: InstancePool, ledger: Ledger, requests: LiveRequests,
+                 metrics: ServingMetrics, now: Callable[[], float]) -> None:
+        self.pool, self.ledger, self.requests, self.metrics = pool, ledger, requests, metrics
+        self.queue = requests.queue
+        self.now = now
         self.active: list[EngineRequest] = []
-        self.reserved = [0] * len(pool.decode)
-        self.batch = [0] * len(pool.decode)
-        self.reserve_of: dict[str, list[int]] = {}
-        self.busy_s = [0.0] * len(pool.decode)
+        self.busy_s = [0.0] * pool.num_decode
         self.t0 = time.monotonic()
-        self._wake = asyncio.Event()
+        self._work = asyncio.Event()
+        self._transfers: set[asyncio.Task[None]] = set()
         self._stopped = False
 
-    @property
-    def num_requests(self) -> int:
-        return len(self.queue) + len(self.active)
-
-    def has(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in (*self.queue, *self.active))
-
-    def kv_needed(self, prompt: int, max_tokens: int) -> int:
-        # The last generated token's KV is never computed.
-        return prompt + max_tokens - 1
-
     def submit(self, state: EngineRequest) -> None:
-        self.queue.append(state)
-        self._wake.set()
+        """Its first token is out: queue it for decode room (its KV: the prompt plus every
+        token still to come but the last, whose KV is never computed)."""
+        self.queue.submit(state.request_id,
+                          state.prompt_tokens + state.request.sampling.max_tokens - 1)
 
-    def wake(self) -> None:
-        self._wake.set()
+    def forget(self, state: EngineRequest) -> None:
+        """It ended outside a step (cancelled): leave the batch."""
+        if state in self.active:
+            self.active.remove(state)
 
     def stop(self) -> None:
         self._stopped = True
-        self._wake.set()
+        self._work.set()
+        for task in list(self._transfers):
+            task.cancel()
 
-    # -- the loop ---------------------------------------------------------------------------
-    async def run(self) -> None:
-        while not self._stopped:
-            if self.queue:
-                await self._admit()
-            if self.active:
-                await self._step()
-            else:
-                await self._wake.wait()
-                self._wake.clear()
-
-    async def _admit(self) -> None:
-        while self.queue:
-            state = self.queue[0]
-            need = self.kv_needed(state.prompt_tokens, state.request.sampling.max_tokens)
-            loads = [DecodeLoad(r, b) for r, b in zip(self.reserved, self.batch, strict=True)]
-            placement = choose_decode_instances(loads, need, self.pool.decode_kv_tokens,
-                                                self.max_batch, self.max_sp)
-            if placement is None:
-                return  # first come first served: wait for room to free up
-            # The lead keeps the generated tokens: the instance with the most room leads.
-            instances = sorted(placement.instances, key=lambda j: (self.reserved[j], j))
-            held = {g: sum(ChunkSpec(c.start_token, c.end_token, c.instances).tokens_on(g)
-                           for c in state.summary.chunks)
-                    for g in state.kv_instances}
-            p = self.pool.num_prefill
+    # -- placement and KV transfer --------------------------------------------------------------
+    def admit(self) -> None:
+        """Place queued requests while the head fits; each placement's bookkeeping is done at
+        once (the next placement sees its room taken), its transfer runs as a task."""
+        ledger, p = self.ledger, self.pool.num_prefill
+        while (placed := self.queue.place_head(ledger.decode_loads())) is not None:
+            rid, placement = placed
+            state = self.requests.by_id[rid]
+            instances = tuple(sorted(placement.instances,
+                                     key=lambda j: (ledger.decode_reserved[j], j)))
             dests = tuple(p + j for j in instances)
-            rooms = [self.pool.decode_kv_tokens - self.reserved[j] for j in instances]
+            rooms = [self.pool.decode_kv_tokens - ledger.decode_reserved[j] for j in instances]
             try:
-                moves, reserve = plan_kv_moves(held, dests, rooms,
+                moves, reserve = plan_kv_moves(ledger.handoff[rid].kv_held, dests, rooms,
                                                state.request.sampling.max_tokens - 1)
             except ValueError:
                 return  # the lead lacks room for the generated tokens yet: wait
             sources = tuple(sorted({m.source for m in moves}))
-            if not self.prefill.try_hold(sources):
+            if not ledger.idle(sources):
                 return  # its prefill instances are computing: retried when a chunk ends
-            self.queue.pop(0)
-            await self._move_in(state, tuple(instances), sources, moves, reserve)
+            self.queue.pop()
+            ledger.hold(sources, self.now())
+            ledger.decode_begin(rid, instances, tuple(reserve))
+            state.decode_ranks = dests
+            state.summary.decode_instances = instances
+            state.phase = Phase.DECODE
+            task = asyncio.get_running_loop().create_task(
+                self._move_in(state, sources, moves, dests, reserve))
+            self._transfers.add(task)
+            task.add_done_callback(self._transfers.discard)
 
-    async def _move_in(self, state: EngineRequest, instances: tuple[int, ...],
-                       sources: tuple[int, ...], moves: list[KVMove],
-                       reserve: list[int]) -> None:
-        for j, n in zip(instances, reserve, strict=True):
-            self.reserved[j] += n
-            self.batch[j] += 1
-        self.reserve_of[state.request_id] = reserve
-        dests = tuple(self.pool.num_prefill + j for j in instances)
-        state.decode_ranks = dests
-        state.summary.decode_instances = instances
-        state.phase = Phase.DECODE
-        self.active.append(state)
-        sends = [self.pool.prefill[g].send_kv.remote(state.request_id, moves) for g in sources]
-        recvs = [self.pool.actor(d).recv_kv.remote(
-            state.request_id, moves, n, *((state.request.sampling, state.sampler_state)
-                                          if i == 0 else ()))
-            for i, (d, n) in enumerate(zip(dests, reserve, strict=True))]
-        results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
-        self.prefill.release(sources)
-        # send_kv freed the prefill KV of the sources; free it everywhere in case a sender
-        # failed first (freeing twice is harmless).
-        self.prefill.prefill_kv_moved(state, free_remote=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+    async def _move_in(self, state: EngineRequest, sources: tuple[int, ...],
+                       moves: list[KVMove], dests: tuple[int, ...], reserve: list[int]) -> None:
+        try:
+            errors = await self.pool.move_kv(state.request_id, moves, dests, reserve,
+                                             state.request.sampling, state.sampler_state)
+        except Exception as err:
+            errors = [err]
+        self.ledger.unhold(sources)
+        _, released = self.ledger.kv_moved(state.request_id)
+        # The senders freed their KV; free it on every holder in case one failed first
+        # (freeing twice is harmless), and on the decode side if the client left meanwhile.
+        self.requests.free(released)
+        self.requests.wake.set()
+        if released.decode_instances or state.phase is Phase.DONE:
+            return
         if errors:
             log.error("KV transfer of %r failed: %s", state.request_id, errors[0])
-            self._release(state)
-            state.fail(f"KV transfer of {state.request_id!r} failed: {errors[0]}")
+            self.requests.failed(state, f"KV transfer of {state.request_id!r} failed: "
+                                 f"{errors[0]}")
+            return
+        self.active.append(state)
+        self._work.set()
+
+    # -- continuous batching ----------------------------------------------------------------
+    async def run(self) -> None:
+        while not self._stopped:
+            if self.active:
+                await self._step()
+            else:
+                await self._work.wait()
+                self._work.clear()
 
     async def _step(self) -> None:
-        batch = [s for s in self.active if not s.cancelled]
-        entries = [DecodeEntry(s.request_id, s.output[-1], s.prompt_tokens + len(s.output) - 1,
-                               s.decode_ranks[0], s.decode_ranks) for s in batch]
+        batch = list(self.active)
         by_rank: dict[int, list[DecodeEntry]] = {}
-        for e in entries:
-            self.pool.ensure_group(e.ranks)
-            for r in e.ranks:
-                by_rank.setdefault(r, []).append(e)
+        for s in batch:
+            entry = DecodeEntry(s.request_id, s.output[-1], s.prompt_tokens + len(s.output) - 1,
+                                s.decode_ranks[0], s.decode_ranks)
+            self.pool.ensure_group(entry.ranks)
+            for r in entry.ranks:
+                by_rank.setdefault(r, []).append(entry)
         started = time.monotonic()
         try:
-            answers = await asyncio.gather(*(self.pool.actor(r).decode_step.remote(es)
-                                             for r, es in by_rank.items()))
+            tokens = await self.pool.decode_step(by_rank)
         except Exception as err:
             log.exception("decode step failed")
             for s in batch:
-                self._release(s)
-                s.fail(f"decode of {s.request_id!r} failed: {err}")
+                self.forget(s)
+                if s.phase is not Phase.DONE:
+                    self.requests.failed(s, f"decode of {s.request_id!r} failed: {err}")
             return
-        seconds = time.monotonic() - started
-        for r in by_rank:
-            j = r - self.pool.num_prefill
-            self.busy_s[j] += seconds
-            self.metrics.set_instance_busy(f"decode-{j}", "decode",
-                                           self.busy_s[j] / max(time.monotonic() - self.t0,
-                                                                1e-9))
-        tokens: dict[str, int] = {}
-        for answer in answers:
-            tokens.update(answer)
         now = time.monotonic()
+        self._account(by_rank, now - started)
         for s in batch:
-            if s.cancelled or s.phase is not Phase.DECODE:
-                continue
+            if s.phase is not Phase.DECODE:
+                continue  # it ended while the step ran (cancelled)
             self.metrics.observe_inter_token(now - s.last_token_wall)
             finish = s.add_tokens([tokens[s.request_id]])
             if finish is not None:
-                self._release(s)
-                s.phase = Phase.DONE
-                self.finished(s, finish)
+                self.forget(s)
+                self.requests.finished(s, finish)
 
-    # -- endings ----------------------------------------------------------------------------
-    def _release(self, state: EngineRequest) -> None:
-        if state in self.active:
-            self.active.remove(state)
-        reserve = self.reserve_of.pop(state.request_id, None)
-        if reserve is not None:
-            for d, n in zip(state.decode_ranks, reserve, strict=True):
-                j = d - self.pool.num_prefill
-                self.reserved[j] -= n
-                self.batch[j] -= 1
-                self.pool.actor(d).free.remote(state.request_id)
-        self._wake.set()
-
-    def finished(self, state: EngineRequest, reason: FinishReason) -> None:
-        self.metrics.observe_e2e(time.monotonic() - state.arrival_wall)
-        self.metrics.count_tokens(state.prompt_tokens, len(state.output))
-        self.metrics.request_finished(reason)
-
-    def cancel(self, state: EngineRequest) -> None:
-        if state in self.queue:
-            self.queue.remove(state)
-            self.prefill.prefill_kv_moved(state, free_remote=True)
-        else:
-            self._release(state)
+    def _account(self, by_rank: dict[int, Any], seconds: float) -> None:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        for r in by_rank:
+            j = r - self.pool.num_prefill
+            self.busy_s[j] += seconds
+            self.metrics.set_instance_busy(f"decode-{j}", "decode", self.busy_s[j] / elapsed)

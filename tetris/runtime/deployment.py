@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tetris.models.config import read_config
+from tetris.models.config import LlamaConfig, read_config
 from tetris.models.fetch import embedded_model, fetch_model
 from tetris.models.tokenizer import Tokenizer
 from tetris.ray_session import init_ray
@@ -14,12 +14,13 @@ from tetris.runtime.actors import WorkerPool
 from tetris.runtime.engine import Engine, EngineOptions
 from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.profile import QUICK_GRID, Progress, calibrate, zero_coefficients
+from tetris.runtime.ray_instances import RayInstances
 from tetris.runtime.serve_config import (
     ServeConfig,
     configured_coefficients,
     serving_cost_model,
 )
-from tetris.solver.model_spec import ModelSpec, load_model_spec
+from tetris.solver.model_spec import ModelSpec, model_spec_of
 
 
 @dataclass
@@ -55,20 +56,35 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """The checkpoint to serve: its directory and its config.json, parsed once for the model
+    and for the planners' cost model."""
+
+    model_dir: Path
+    config: LlamaConfig
+    spec: ModelSpec
+
+    @classmethod
+    def resolve(cls, model: str) -> ServedModel:
+        model_dir = resolve_model_dir(model)
+        config = read_config(model_dir)
+        return cls(model_dir, config, model_spec_of(config))
+
+
 @dataclass
 class Workers:
-    model_dir: Path
+    model: ServedModel
     device: str
-    spec: ModelSpec
     ray: Any
     pool: WorkerPool
 
 
-def start_workers(config: ServeConfig) -> Workers:
+def start_workers(config: ServeConfig, model: ServedModel | None = None) -> Workers:
     """Start (or join) Ray and place one set-up actor per instance."""
-    model_dir = resolve_model_dir(config.model)
+    model = model or ServedModel.resolve(config.model)
+    model_dir = model.model_dir
     device = resolve_device(config.device)
-    spec = load_model_spec(str(model_dir))
     ray = init_ray(config.ray_address)
     pool = WorkerPool.start(ray, model_dir, config.prefill_instances, config.decode_instances,
                             prefill_kv_tokens=config.kv_tokens_per_instance,
@@ -76,21 +92,20 @@ def start_workers(config: ServeConfig) -> Workers:
                             dtype=config.dtype_on(device), threads=config.threads_per_instance,
                             local=config.ray_address in (None, "local"),
                             gpus_per_instance=config.gpus_per_instance)
-    return Workers(model_dir, device, spec, ray, pool)
+    return Workers(model, device, ray, pool)
 
 
 def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
            progress: Progress = lambda _: None) -> Deployment:
     """Workers plus the engine (not started: `await deployment.engine.start()` in the serving
     event loop)."""
-    model_dir = resolve_model_dir(config.model)
+    model = ServedModel.resolve(config.model)
+    model_dir, spec = model.model_dir, model.spec
     device = resolve_device(config.device)
-    spec = load_model_spec(str(model_dir))
     # A bad calibration file or model fails before any actor starts.
     coefficients = configured_coefficients(config, spec, device)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model_config = read_config(model_dir)
-    workers = start_workers(config)
+    workers = start_workers(config, model)
     try:
         if coefficients is None and device == "cpu":
             progress(f"no calibration for {spec.name} on this host: measuring a quick one "
@@ -103,15 +118,12 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
         workers.pool.shutdown(workers.ray)
         raise
     metrics = metrics or ServingMetrics()
-    options = EngineOptions(
-        max_queue=config.max_queue, default_max_tokens=config.default_max_tokens,
-        decode_max_batch=config.decode_max_batch,
-        decode_max_sp=config.decode_max_sp, solver=config.solver,
-        time_limit_ms=config.time_limit_ms, quantum_s=config.quantum_s,
-        block_tokens=config.block_tokens, max_chunks=config.max_chunks, max_sp=config.max_sp,
-        slo=config.slo)
+    options = EngineOptions(max_queue=config.max_queue,
+                            default_max_tokens=config.default_max_tokens,
+                            policy=config.policy_name, settings=config.policy, slo=config.slo)
     name = config.served_model_name or (config.model if embedded_model(config.model)
                                         else model_dir.name)
-    engine = Engine(workers.pool, tokenizer, name, model_config.max_position_embeddings,
-                    model_config.vocab_size, cost_model, options, metrics)
+    engine = Engine(RayInstances(workers.pool), tokenizer, name,
+                    model.config.max_position_embeddings, model.config.vocab_size, cost_model,
+                    options, metrics)
     return Deployment(config, model_dir, device, workers.ray, workers.pool, engine, metrics)

@@ -1,7 +1,9 @@
-"""One request inside the engine: its progress through prefill and decode, and its output stream.
+"""One request inside the engine: its phase, its output so far, and its output stream.
 
-The engine's scheduling loop is the only writer; the HTTP side reads the stream (an asyncio
-queue of `TokenEvent`s) and may cancel. Plain dataclass: it is touched on every token.
+Where its chunks ran and what KV it holds are the ledger's (`tetris.solver.policy.ledger`); this
+is what the client sees. The engine's event loop is the only writer; the HTTP side reads the
+stream (an asyncio queue of `TokenEvent`s) and may cancel. Plain dataclass: it is touched on
+every token.
 """
 
 from __future__ import annotations
@@ -44,15 +46,10 @@ class EngineRequest:
     eos_ids: frozenset[int]
     summary: RequestSummary
     phase: Phase = Phase.WAITING
-    prefilled: int = 0
-    kv_instances: tuple[int, ...] = ()
-    chunk_running: bool = False
-    planned_ready_s: float = 0.0
     output: list[int] = field(default_factory=list)
     last_token_wall: float = 0.0
     sampler_state: object | None = None
     decode_ranks: tuple[int, ...] = ()  # world ranks, lead first
-    prefill_held: dict[int, int] = field(default_factory=dict)  # prefill instance -> KV tokens
     cancelled: bool = False
     events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)
 

@@ -1,74 +1,64 @@
-"""An SP group of local processes (one per instance, gloo over loopback) driven over queues.
+"""A world of `InstanceWorker`s in local processes (gloo over loopback), driven over queues.
 
-The stand-in for the runtime's Ray actors, for `tetris generate` and tests: each process owns a
-model replica and a KV cache (`SPWorker`); the driver sends every command to every rank and waits
-for all answers, so the ranks enter their collectives together.
+The stand-in for the daemon's Ray actors, for `tetris generate`, tests and benchmarks: each
+spawned process hosts the same `InstanceWorker` as an actor does, set up with the same
+`setup(master_addr, port)` and its groups made with the same `create_group` protocol. Like an
+actor, a process runs its commands in the order they were sent; the driver sends a batch of
+calls to all their ranks before waiting, so a group's ranks enter their collectives together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tetris.runtime.ports import free_port
-from tetris.solver.plan import ChunkSpec
+from tetris.runtime.worker import WorkerConfig
+from tetris.runtime.worker_group import CALL_TIMEOUT_S, Call
 
 START_TIMEOUT_S = 300.0
-COMMAND_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
 class GroupConfig:
+    """Ranks 0..prefill_ranks-1 prefill, then `decode_ranks` decode ranks, as in the daemon."""
+
     model_dir: Path
-    world_size: int
+    prefill_ranks: int
+    decode_ranks: int = 1
     threads_per_rank: int = 1
     kv_tokens_per_rank: int = 1 << 16
 
+    @property
+    def world_size(self) -> int:
+        return self.prefill_ranks + self.decode_ranks
 
-def _rank_main(rank: int, config: GroupConfig, port: int, commands: Any, results: Any) -> None:
+
+def _rank_main(config: WorkerConfig, commands: Any, results: Any) -> None:
     # Imports inside: a spawned child starts from scratch, keep the parent's import cheap.
     import torch.distributed as dist
 
-    from tetris.models.kv_cache import KVCache
-    from tetris.models.weights import load_model
-    from tetris.runtime.sp_worker import SPWorker
+    from tetris.runtime.worker import InstanceWorker
 
-    try:
-        torch.set_num_threads(config.threads_per_rank)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          GLOO_SOCKET_IFNAME="lo")
-        dist.init_process_group("gloo", rank=rank, world_size=config.world_size)
-        # Every rank creates the nested prefix groups in the same order (a collective).
-        groups = {tuple(range(s)): dist.new_group(list(range(s)))
-                  for s in range(1, config.world_size + 1)}
-        model = load_model(config.model_dir)
-        mc = model.config
-        cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.float32,
-                        torch.device("cpu"), config.kv_tokens_per_rank)
-        worker = SPWorker(rank, model, cache, groups)
-    except Exception:
-        results.put(("error", rank, traceback.format_exc()))
-        return
-    results.put(("ready", rank, None))
+    worker = InstanceWorker(config)
     while True:
-        name, args = commands.get()
-        if name == "stop":
+        command = commands.get()
+        if command is None:
             break
+        index, name, args, kwargs = command
         try:
-            results.put(("ok", rank, getattr(worker, name)(*args)))
+            results.put(("ok", config.rank, index, getattr(worker, name)(*args, **kwargs)))
         except Exception:
-            results.put(("error", rank, traceback.format_exc()))
-    dist.destroy_process_group()
+            results.put(("error", config.rank, index, traceback.format_exc()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class RankFailed(RuntimeError):
@@ -77,26 +67,40 @@ class RankFailed(RuntimeError):
 
 @dataclass
 class LocalSPGroup:
-    """`with LocalSPGroup(config) as group: group.call(...)`."""
+    """`with LocalSPGroup(config) as group: generate(group, ...)`; a `WorkerGroup`."""
 
     config: GroupConfig
     _procs: list[Any] = field(default_factory=list)
     _commands: list[Any] = field(default_factory=list)
     _results: Any = None
+    _groups: set[tuple[int, ...]] = field(default_factory=set)
+    _sent: int = 0  # calls sent so far: each answer names its call
+
+    @property
+    def num_prefill(self) -> int:
+        return self.config.prefill_ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
 
     def __enter__(self) -> LocalSPGroup:
+        c = self.config
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
-        port = free_port()
-        for rank in range(self.config.world_size):
+        for rank in range(c.world_size):
             commands = ctx.Queue()
+            worker = WorkerConfig(rank=rank, world_size=c.world_size, model_dir=c.model_dir,
+                                  kv_tokens=c.kv_tokens_per_rank, threads=c.threads_per_rank)
             proc = ctx.Process(target=_rank_main, daemon=True,
-                               args=(rank, self.config, port, commands, self._results))
+                               args=(worker, commands, self._results))
             proc.start()
             self._procs.append(proc)
             self._commands.append(commands)
+        port = free_port()
         try:
-            self._collect("ready", range(self.config.world_size), START_TIMEOUT_S)
+            self.run([Call(r, "setup", ("127.0.0.1", port)) for r in range(c.world_size)],
+                     START_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
@@ -109,7 +113,7 @@ class LocalSPGroup:
         for commands, proc in zip(self._commands, self._procs, strict=True):
             if proc.is_alive():
                 with contextlib.suppress(Exception):
-                    commands.put(("stop", ()))
+                    commands.put(None)
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():
@@ -118,50 +122,36 @@ class LocalSPGroup:
         self._procs.clear()
         self._commands.clear()
 
-    def _collect(self, expect: str, ranks: Iterator[int] | range | tuple[int, ...],
-                 timeout: float) -> dict[int, Any]:
-        waiting = set(ranks)
+    def ensure_group(self, ranks: tuple[int, ...]) -> None:
+        if len(ranks) > 1 and ranks not in self._groups:
+            self.run([Call(r, "create_group", (ranks,)) for r in range(self.world_size)])
+            self._groups.add(ranks)
+
+    def run(self, calls: Sequence[Call], timeout: float = CALL_TIMEOUT_S) -> list[Any]:
+        if not self._procs:
+            raise RankFailed("the group is closed")
+        first = self._sent
+        for i, call in enumerate(calls):
+            self._commands[call.rank].put((first + i, call.method, call.args,
+                                           dict(call.kwargs)))
+        self._sent += len(calls)
+        waiting = {first + i: call.rank for i, call in enumerate(calls)}
         out: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
         while waiting:
             try:
                 left = max(0.1, deadline - time.monotonic())
-                status, rank, value = self._results.get(timeout=left)
+                status, rank, index, value = self._results.get(timeout=min(left, 5.0))
             except queue.Empty:
-                dead = [r for r in waiting if not self._procs[r].is_alive()]
+                dead = sorted({r for r in waiting.values() if not self._procs[r].is_alive()})
                 if dead or time.monotonic() > deadline:
                     self.close()
-                    raise RankFailed(f"ranks {sorted(waiting)} did not answer "
+                    raise RankFailed(f"ranks {sorted(set(waiting.values()))} did not answer "
                                      f"(dead: {dead})") from None
                 continue
             if status == "error":
                 self.close()
                 raise RankFailed(f"rank {rank} failed:\n{value}")
-            if status == expect or (expect == "ok" and status == "ok"):
-                out[rank] = value
-                waiting.discard(rank)
-        return out
-
-    def call(self, name: str, *args: Any, ranks: tuple[int, ...] | None = None) -> dict[int, Any]:
-        """Run `SPWorker.<name>(*args)` on `ranks` (default all); {rank: result}."""
-        targets = tuple(range(self.config.world_size)) if ranks is None else ranks
-        for rank in targets:
-            self._commands[rank].put((name, args))
-        return self._collect("ok", targets, COMMAND_TIMEOUT_S)
-
-    def prefill(self, request_id: str, prompt_ids: list[int], chunks: list[ChunkSpec],
-                strategy: str = "auto") -> tuple[torch.Tensor, list[float]]:
-        """Every chunk in order; (logits of the last prompt token, seconds per chunk)."""
-        seconds = []
-        logits = None
-        for i, chunk in enumerate(chunks):
-            started = time.perf_counter()
-            answers = self.call("prefill", request_id, chunk,
-                                prompt_ids[chunk.start_token:chunk.end_token],
-                                i == len(chunks) - 1, strategy, ranks=chunk.instances)
-            seconds.append(time.perf_counter() - started)
-            found = [v for v in answers.values() if v is not None]
-            if found:
-                logits = found[0]
-        assert logits is not None, "the last chunk's last token produced no logits"
-        return logits, seconds
+            if waiting.pop(index, None) is not None:
+                out[index] = value
+        return [out[first + i] for i in range(len(calls))]

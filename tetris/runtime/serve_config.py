@@ -18,9 +18,15 @@ from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import DEFAULT_MEM_UTIL, CostCoefficients, CostModel
 from tetris.solver.hardware import HardwareSpec, load_hardware
 from tetris.solver.model_spec import ModelSpec
-from tetris.solver.request import SloSpec
+from tetris.solver.policy.registry import policy_for_solver
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.slo import SloSpec
 
 SHIPPED_CALIBRATIONS = Path(__file__).parent / "calibrations"
+# The serving defaults differ from the simulator's where the embedded CPU model differs from a
+# GPU cluster: prompts of a few thousand tokens (finer chunk boundaries), one or two decode
+# instances of a few thousand KV tokens (smaller batches, KV over at most two).
+SERVE_POLICY = PolicySettings(block_tokens=64, decode_max_batch=32, decode_max_sp=2)
 
 
 class ServeConfig(BaseModel):
@@ -49,14 +55,11 @@ class ServeConfig(BaseModel):
     default_max_tokens: int = Field(default=1024, ge=1, description="a chat request naming "
                                     "no max_tokens gets at most this many (its final KV is "
                                     "reserved when it reaches decode)")
-    decode_max_batch: int = Field(default=32, ge=1)
-    decode_max_sp: int = Field(default=2, ge=1)
-    solver: Literal["greedy", "cp", "milp"] = "greedy"
-    time_limit_ms: float = Field(default=20.0, gt=0)
-    block_tokens: int = Field(default=64, ge=1)
-    quantum_s: float | Literal["auto"] | None = "auto"
-    max_chunks: int | None = Field(default=None, ge=1)
-    max_sp: int | None = Field(default=None, ge=1)
+    solver: Literal["greedy", "cp", "milp"] = Field(default="greedy", description="the CDSP "
+                                                    "planner: greedy, cp (greedy refined by "
+                                                    "CP-SAT in the background) or milp")
+    policy: PolicySettings = Field(default_factory=lambda: SERVE_POLICY, description="the "
+                                   "policy's settings, shared with the simulator")
     slo: SloSpec = Field(default_factory=lambda: SloSpec(ttft_scale=5.0))
     hardware: str = Field(default="h100", description="GPU preset or HardwareSpec JSON "
                           "(GPU only; a CPU host is described by its calibration)")
@@ -65,10 +68,12 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits_groups(self) -> ServeConfig:
-        if self.max_sp is not None and self.max_sp > self.prefill_instances:
-            raise ValueError(f"max_sp {self.max_sp} exceeds the {self.prefill_instances} "
-                             "prefill instances")
+        self.policy.check_cluster(self.prefill_instances, self.policy_name)
         return self
+
+    @property
+    def policy_name(self) -> str:
+        return policy_for_solver(self.solver)
 
     def dtype_on(self, device: str) -> str:
         if self.dtype != "auto":

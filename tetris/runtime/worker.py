@@ -1,18 +1,22 @@
 """One instance of the runtime: a model replica, its KV cache and its place in the data plane.
 
-Hosted by a Ray actor (`actors.py`), one per instance; rank r of one torch.distributed world
-spanning every instance (prefill ranks first, then decode). Collectives and point-to-point
-transfers are issued by the engine from one thread, and each actor runs its calls in the order
-they were submitted, so every group sees its operations in one global order (no deadlock).
+Hosted by a Ray actor per instance (`actors.py`) in the daemon, and by a spawned process per
+instance (`local_group.py`) for `tetris generate`; both drivers issue the same calls. Rank r of
+one torch.distributed world spanning every instance (prefill ranks first, then decode).
+Collectives and point-to-point transfers are issued by the driver from one thread, and each
+host runs its calls in the order they were submitted, so every group sees its operations in one
+global order (no deadlock).
 
-- Prefill: `SPWorker.prefill` on the chunk's group. Process groups are created on first use,
-  by every rank in the same order (`create_group`, sent to all actors by the pool): torch names
-  a group by how many this process has created, so members creating groups on their own would
-  disagree on names (measured: `use_local_synchronization` hung for that reason).
+- Prefill: each rank of the chunk's group runs the model on its zigzag share of the chunk
+  (`chunking.zigzag_positions`) and attends with `GroupAttend` over the KV the group holds, so
+  each chunk's KV stays on the rank that computed it. Process groups are created on first use,
+  by every rank in the same order (`create_group`, sent to all ranks by the driver): torch
+  names a group by how many this process has created, so members creating groups on their own
+  would disagree on names (measured: `use_local_synchronization` hung for that reason).
 - KV transfer prefill → decode: gloo/NCCL point-to-point, one packed tensor per move
   (`benchmarks/kv_transfer_cpu.py` measured it 3–5× faster than Ray's object store here).
 - Decode: continuous batching (`decode_step`) over every request this rank leads or lends KV to.
-- KV space is checked then taken: the engine checks its ledger before launching, `allocate`
+- KV space is checked then taken: the driver checks its ledger before launching, `allocate`
   raises MemoryError if the room is gone, and nothing is written before the room is taken.
 """
 
@@ -28,11 +32,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tetris.models.kv_cache import KVCache
+from tetris.kernels.group import group_attention
+from tetris.models.kv_cache import KVCache, LocalAttend
+from tetris.models.llama import LlamaModel
 from tetris.runtime.batch_attend import BatchAttend, DecodeEntry
+from tetris.runtime.chunking import zigzag_positions
+from tetris.runtime.instance_pool import PrefillResult
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import Sampler, SamplingParams
-from tetris.runtime.sp_worker import SPWorker
 from tetris.solver.plan import ChunkSpec
 
 
@@ -47,18 +54,31 @@ class WorkerConfig:
     dtype: str = "float32"  # of the weights and the KV cache
 
 
-@dataclass(frozen=True)
-class PrefillResult:
-    seconds: float
-    # Only on the rank that computed the prompt's last token, after the last chunk:
-    first_token: int | None = None
-    sampler_state: torch.Tensor | None = None
+@dataclass
+class GroupAttend:
+    """The model's `Attend` for one request's prefill chunk on one rank of an SP group."""
+
+    cache: KVCache
+    request_id: str
+    group: dist.ProcessGroup
+    strategy: str = "auto"
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D], k/v: [T, Hkv, D], positions: [T] — T may be 0 on a rank with no tokens.
+        self.cache.append(self.request_id, layer, k, v, positions)
+        keys, values, key_positions = self.cache.get(self.request_id, layer)
+        return group_attention(q, keys, values, q_positions=positions,
+                               k_positions=key_positions, group=self.group,
+                               strategy=self.strategy)
 
 
 class InstanceWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.sp: SPWorker | None = None
+        self._model: LlamaModel | None = None
+        self._cache: KVCache | None = None
+        self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.samplers: dict[str, Sampler] = {}
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
@@ -74,66 +94,81 @@ class InstanceWorker:
         backend = "nccl" if c.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, rank=c.rank, world_size=c.world_size)
         dtype = getattr(torch, c.dtype)
-        model = load_model(c.model_dir, dtype=dtype, device=c.device)
-        mc = model.config
-        cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype,
-                        torch.device(c.device), c.kv_tokens)
-        self.sp = SPWorker(c.rank, model, cache, {})
+        self._model = load_model(c.model_dir, dtype=dtype, device=c.device)
+        mc = self._model.config
+        self._cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype,
+                              torch.device(c.device), c.kv_tokens)
         return {"rank": c.rank, "kv_tokens": c.kv_tokens, "pid": os.getpid()}
 
     def create_group(self, ranks: tuple[int, ...]) -> None:
         """Called on every rank, in one order; non-members only keep the count in step."""
         group = dist.new_group(list(ranks))
         if self.config.rank in ranks:
-            self._sp.groups[ranks] = group
+            self.groups[ranks] = group
 
     @property
-    def _sp(self) -> SPWorker:
-        if self.sp is None:
+    def model(self) -> LlamaModel:
+        if self._model is None:
             raise RuntimeError("worker not set up")
-        return self.sp
+        return self._model
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            raise RuntimeError("worker not set up")
+        return self._cache
+
+    def _group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
+        try:
+            return self.groups[ranks]
+        except KeyError:
+            raise ValueError(f"rank {self.config.rank}: no process group for ranks {ranks} "
+                             "(create_group first)") from None
 
     # -- KV space ---------------------------------------------------------------------------
     def allocate(self, request_id: str, tokens: int) -> None:
         """Take room for `tokens` more KV tokens of the request; MemoryError if it is gone."""
-        cache = self._sp.cache
+        cache = self.cache
         if not cache.can_allocate(tokens):
             raise MemoryError(f"rank {self.config.rank}: no KV room for {tokens} tokens of "
                               f"{request_id!r} ({cache.num_free_tokens} free)")
         cache.allocate(request_id, tokens)
 
     def free_tokens(self) -> int:
-        return self._sp.cache.num_free_tokens
+        return self.cache.num_free_tokens
 
     def free(self, request_id: str) -> None:
-        self._sp.free(request_id)
+        self.cache.free(request_id)
         self.samplers.pop(request_id, None)
 
     # -- prefill ----------------------------------------------------------------------------
     def prefill(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
-                sampling: SamplingParams | None) -> PrefillResult:
+                sampling: SamplingParams | None, strategy: str = "auto",
+                return_logits: bool = False) -> PrefillResult:
         """This rank's share of `chunk`; `sampling` is given for the prompt's last chunk, and
-        the rank holding the last token samples the first output token."""
+        the rank holding the last token samples the first output token (and returns its
+        logits too if `return_logits`). `strategy`: how the group shares attention, see
+        `tetris.kernels.group`."""
         started = time.perf_counter()
         self._agree_to_run(request_id, chunk)
-        logits = self._sp.prefill(request_id, chunk, list(chunk_ids), sampling is not None)
+        logits = self._forward(request_id, chunk, chunk_ids, strategy, sampling is not None)
         seconds = time.perf_counter() - started
         if logits is None or sampling is None:
             return PrefillResult(seconds)
         sampler = Sampler(sampling)
         token = sampler(logits)
-        return PrefillResult(seconds, token, sampler.state())
+        return PrefillResult(seconds, token, sampler.state(), logits if return_logits else None)
 
     def _agree_to_run(self, request_id: str, chunk: ChunkSpec) -> None:
         """Every rank of the group checks its KV room, then they agree (one all-reduce): if
         one rank cannot run the chunk, all raise together instead of leaving the others
         waiting inside the chunk's collectives."""
         need = chunk.tokens_on(self.config.rank)
-        room = self._sp.cache.num_free_tokens
+        room = self.cache.num_free_tokens
         if chunk.sp > 1:
             flag = torch.tensor([1 if need <= room else 0], dtype=torch.int32,
-                                device=self._sp.cache.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sp.groups[chunk.instances])
+                                device=self.cache.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group(chunk.instances))
             if not flag.item():
                 raise MemoryError(f"chunk [{chunk.start_token}, {chunk.end_token}) of "
                                   f"{request_id!r} on {chunk.instances}: a rank has no KV room "
@@ -142,10 +177,30 @@ class InstanceWorker:
             raise MemoryError(f"rank {self.config.rank}: no KV room for {need} tokens of "
                               f"{request_id!r} ({room} free)")
 
+    @torch.inference_mode()
+    def _forward(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
+                 strategy: str, want_logits: bool) -> torch.Tensor | None:
+        """Run the model on this rank's share of the chunk (ids of the whole chunk given);
+        the logits of the chunk's last token on the rank that computed it, if wanted."""
+        positions = zigzag_positions(chunk, self.config.rank)
+        ids = torch.tensor(list(chunk_ids), dtype=torch.int64)[positions - chunk.start_token]
+        device = self.cache.device
+        ids, positions = ids.to(device), positions.to(device)
+        self.allocate(request_id, positions.numel())
+        attend: GroupAttend | LocalAttend
+        if chunk.sp == 1:
+            attend = LocalAttend(self.cache, request_id)  # alone: no group, no collective
+        else:
+            attend = GroupAttend(self.cache, request_id, self._group(chunk.instances), strategy)
+        hidden = self.model(ids, positions, attend)
+        if want_logits and positions.numel() and int(positions[-1]) == chunk.end_token - 1:
+            return self.model.logits(hidden[-1:])[0]
+        return None
+
     # -- KV transfer ------------------------------------------------------------------------
     def send_kv(self, request_id: str, moves: Sequence[KVMove]) -> None:
         """Send this rank's KV of the request, move by move, then free it here."""
-        cache = self._sp.cache
+        cache = self.cache
         layers = range(cache.num_layers)
         offset = 0
         for move in moves:
@@ -166,7 +221,7 @@ class InstanceWorker:
         """Take room for `reserve_tokens` (the prompt share plus, on the lead, the tokens to
         be generated), then receive every move addressed here. The lead also gets the
         request's sampler, continuing the random stream of its first token."""
-        cache = self._sp.cache
+        cache = self.cache
         self.allocate(request_id, reserve_tokens)
         shape = (cache.num_layers, 0, cache.num_kv_heads, cache.head_dim)
         for move in moves:
@@ -193,15 +248,14 @@ class InstanceWorker:
         """One continuous-batching step: every entry this rank leads computes one token (its
         KV appended here); entries it only lends KV to join their group's attention. All ranks
         of a multi-rank entry get the same entries in the same order."""
-        sp = self._sp
         mine = [e for e in entries if e.lead == self.config.rank]
-        device = sp.cache.device
+        device = self.cache.device
         ids = torch.tensor([e.token_id for e in mine], dtype=torch.int64, device=device)
         positions = torch.tensor([e.position for e in mine], dtype=torch.int64, device=device)
-        attend = BatchAttend(sp.cache, entries, self.config.rank, sp.groups)
-        hidden = sp.model(ids, positions, attend)
+        attend = BatchAttend(self.cache, entries, self.config.rank, self.groups)
+        hidden = self.model(ids, positions, attend)
         if not mine:
             return {}
-        logits = sp.model.logits(hidden)
+        logits = self.model.logits(hidden)
         return {e.request_id: self.samplers[e.request_id](logits[i])
                 for i, e in enumerate(mine)}

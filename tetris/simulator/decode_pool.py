@@ -5,8 +5,9 @@ and lasts `cost_model.decode_step_seconds(batch, kv_tokens)` (memory-bound: the 
 KV it holds are read once). Sequences join at step boundaries (a KV arriving mid-step waits for
 the next step) and leave when their last token is out, freeing their KV.
 
-Memory: a request reserves its final KV (prompt + all output tokens) when dispatched, so a
-running batch never runs out of memory mid-decode (no preemption to model). A request whose KV
+Memory: a request reserves its final KV (prompt + all output tokens) and a batch slot when
+dispatched (in the shared `Ledger`, by the shared FIFO `DecodeQueue`), so a running batch never
+runs out of memory mid-decode (no preemption to model). A request whose KV
 does not fit on one instance is split by the dispatcher (decode SP > 1): every instance holding a
 share counts it in its batch and KV reads, and the lead instance's steps produce its tokens
 (the non-lead instances' partial attention is assumed to overlap with the lead's step).
@@ -14,14 +15,14 @@ share counts it in its batch and KV reads, and the lead instance's steps produce
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from tetris.simulator.events import PRIORITY_COMPLETE, EventQueue
 from tetris.simulator.noise import DurationNoise
 from tetris.simulator.records import RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
-from tetris.solver.dispatch import DecodeLoad, Placement, choose_decode_instances
+from tetris.solver.policy.dispatch import DecodeQueue, Placement
+from tetris.solver.policy.ledger import Ledger
 
 DECODE_STEP = "decode_step"
 KV_ARRIVE = "kv_arrive"
@@ -39,7 +40,6 @@ class _Instance:
     active: list[_Seq] = field(default_factory=list)
     incoming: list[_Seq] = field(default_factory=list)
     kv_tokens: int = 0
-    reserved: int = 0
     stepping: bool = False
     busy_s: float = 0.0
 
@@ -51,7 +51,7 @@ class DecodePool:
     def __init__(
         self,
         cost_model: CostModel,
-        num_instances: int,
+        ledger: Ledger,
         events: EventQueue,
         noise: DurationNoise,
         *,
@@ -59,22 +59,21 @@ class DecodePool:
         max_sp: int | None = None,
         kv_cross_node: bool = True,
     ) -> None:
+        num_instances = len(ledger.decode_reserved)
         if num_instances <= 0:
             raise ValueError(f"need at least one decode instance, got {num_instances}")
-        if max_batch <= 0:
-            raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.cost_model = cost_model
+        self.ledger = ledger
         self.capacity = cost_model.kv_capacity_tokens
         self.instances = [_Instance() for _ in range(num_instances)]
         self.events = events
         self.noise = noise
-        self.max_batch = max_batch
         self.max_sp = num_instances if max_sp is None else max_sp
+        self.queue = DecodeQueue(self.capacity, max_batch, self.max_sp)
         self.kv_cross_node = kv_cross_node
-        self.waiting: deque[RequestRecord] = deque()
+        self.waiting: dict[str, RequestRecord] = {}
         self.steps = 0
         self.tokens = 0
-        self.max_waiting = 0
 
     def require_fits(self, request: SimRequest) -> None:
         """ValueError unless the request's final KV fits on the instances it may span."""
@@ -90,28 +89,21 @@ class DecodePool:
     def submit(self, record: RequestRecord, now: float) -> None:
         """The request's first token is out (its prefill ended at `now`): move its KV here."""
         if record.finished:
-            return  # a one-token answer never decodes
-        self.require_fits(record.request)
-        self.waiting.append(record)
-        self.max_waiting = max(self.max_waiting, len(self.waiting))
+            self.ledger.release(record.request_id)  # a one-token answer never decodes
+            return
+        request = record.request
+        self.require_fits(request)
+        self.waiting[request.request_id] = record
+        self.queue.submit(request.request_id, request.prompt_tokens + request.output_tokens)
         self._dispatch(now)
 
     def _dispatch(self, now: float) -> None:
-        # FIFO: a large request at the head is not overtaken forever by small ones.
-        while self.waiting:
-            record = self.waiting[0]
+        while (placed := self.queue.place_head(self.ledger.decode_loads())) is not None:
+            rid, placement = placed
+            self.queue.pop()
+            record = self.waiting.pop(rid)
             request = record.request
-            loads = [DecodeLoad(i.reserved, len(i.active) + len(i.incoming))
-                     for i in self.instances]
-            need = request.prompt_tokens + request.output_tokens
-            placement = choose_decode_instances(
-                loads, need, self.capacity, self.max_batch, self.max_sp
-            )
-            if placement is None:
-                return
-            self.waiting.popleft()
-            for g, share in zip(placement.instances, placement.shares, strict=True):
-                self.instances[g].reserved += share
+            self.ledger.decode_begin(rid, placement.instances, placement.shares)
             record.decode_instances = placement.instances
             transfer = self.cost_model.kv_transfer_seconds(
                 request.prompt_tokens, cross_node=self.kv_cross_node
@@ -129,6 +121,7 @@ class DecodePool:
             self._step_end(payload, now)
 
     def _arrive(self, seq: _Seq, now: float) -> None:
+        self.ledger.kv_moved(seq.record.request_id)
         prompt = seq.record.request.prompt_tokens
         for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
             inst = self.instances[g]
@@ -174,6 +167,7 @@ class DecodePool:
         self._start_step(g, now)
 
     def _release(self, seq: _Seq, lead: int) -> None:
+        self.ledger.release(seq.record.request_id)
         request = seq.record.request
         total = request.prompt_tokens + request.output_tokens
         for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
@@ -182,7 +176,6 @@ class DecodePool:
                 inst.active.remove(seq)
             else:  # a non-lead instance that has not stepped since the KV arrived
                 inst.incoming.remove(seq)
-            inst.reserved -= share
             inst.kv_tokens -= share * request.prompt_tokens // max(1, total)
             if g == lead:
                 inst.kv_tokens -= request.output_tokens - 1

@@ -9,11 +9,12 @@ Preset shapes come from each model's published HF `config.json`:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Pure Python (json and dataclasses): the one parser of HF config.json.
+from tetris.models.config import LlamaConfig, read_config
 
 
 class ModelSpec(BaseModel):
@@ -83,25 +84,16 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
-def model_spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
-    """Build a spec from a HF Llama-family `config.json` mapping."""
-    try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return ModelSpec(
-            name=name,
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab_size=int(config["vocab_size"]),
-            max_context=int(config.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except KeyError as missing:
-        raise ValueError(f"config.json of {name!r} lacks {missing.args[0]!r}") from None
+def model_spec_of(config: LlamaConfig) -> ModelSpec:
+    """The cost model's view of a parsed checkpoint config (`tetris.models.config` parses and
+    validates config.json, once, for both the model and the planners)."""
+    return ModelSpec(
+        name=config.name or config.model_type, num_layers=config.num_layers,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+        vocab_size=config.vocab_size, max_context=config.max_position_embeddings,
+        tie_embeddings=config.tie_word_embeddings,
+    )
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:
@@ -110,14 +102,10 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     if key in MODEL_PRESETS:
         return MODEL_PRESETS[key]
     path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return model_spec_from_hf_config(config, name=path.parent.name or path.stem)
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if (path / "config.json").is_file():
+        return model_spec_of(read_config(path))
     raise ValueError(
         f"unknown model {name_or_path!r}: use one of {', '.join(sorted(MODEL_PRESETS))}, "
         "an HF config.json, or a checkpoint directory"

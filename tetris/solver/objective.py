@@ -39,14 +39,6 @@ def total_objective(problem: Problem, plans: Iterable[RequestPlan]) -> float:
     return total
 
 
-def count_misses(problem: Problem, plans: Iterable[RequestPlan]) -> int:
-    misses = 0
-    for plan in plans:
-        request = problem.requests[problem.index_of[plan.request_id]]
-        misses += plan.prefill_end_s > request.deadline_s + MISS_EPS_S
-    return misses
-
-
 def gpu_cost_weight_for_load(load: float) -> float:
     """λ for a prefill utilisation ρ in [0, 1): ρ/(1−ρ), capped for ρ → 1."""
     if load <= 0:

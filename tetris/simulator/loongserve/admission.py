@@ -8,48 +8,54 @@ that decide whether new prompts may take instances holding decode batches) and
 
 from __future__ import annotations
 
-from tetris.simulator.loongserve.batching import Reservation
-from tetris.simulator.loongserve.decode import LoongServeCore
+from tetris.simulator.loongserve.reservation import Reservation
+from tetris.simulator.loongserve.state import LoongServeState
 from tetris.simulator.loongserve.types import Req
 
 
-class LoongServeAdmission(LoongServeCore):
-    """The decode core plus their request queue's admission decisions."""
+class Admission:
+    """Their request queue's decisions: which waiting requests to prefill now."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: LoongServeState) -> None:
+        self.state = state
 
     def _can_add(self, res: Reservation, q: Req, limit: int, paused: int) -> bool:
         held, left = q.tuple_tokens()
         others = paused - (1 if q.paused else 0)
         return res.peak_with(held, left) <= limit and \
-            len(res) + 1 + others <= self.opts.running_max_req_size
+            len(res) + 1 + others <= self.state.opts.running_max_req_size
 
-    def _select_new(self) -> list[Req]:
+    def select_new(self) -> list[Req]:
         """Their `ReqQueue.generate_new_req_list`."""
-        opts, pred, cap, n = self.opts, self.pred, self.cap, self.n
-        if not self.waiting:
+        s = self.state
+        opts, pred, cap, n = s.opts, s.pred, s.cap, s.n
+        if not s.waiting:
             return []
-        exist = sum(len(b.reqs) for b in self.running) + self.paused
+        exist = sum(len(b.reqs) for b in s.running) + s.paused
         if exist >= opts.running_max_req_size:
             return []
-        avg_iters = self.sum_out / self.num_fin
+        avg_iters = s.sum_out / s.num_fin
         est_iters = float(opts.min_estimated_iterations)
         inv_decode = 0.0
         entries = []
-        for b in self.running:
+        for b in s.running:
             for q in b.reqs:
                 g = len(q.record.token_times)
                 inv_decode += 1.0 / g
                 est_iters = max(est_iters, avg_iters - g, 0.1 * g)
                 entries.append(q.tuple_tokens())
-        est_wait = est_iters * self.avg_decode_s
-        num_used = sum(self.used)
+        est_wait = est_iters * s.avg_decode_s
+        num_used = sum(s.used)
         max_idle = n - (num_used + cap - 1) // cap
         isolated = cap * max_idle
         bmt = min(opts.batch_max_tokens, n * cap - num_used)
-        num_idle = sum(1 for u in self.used if u == 0)
+        num_idle = sum(1 for u in s.used if u == 0)
         res = Reservation(entries)
         limit = n * cap
-        paused = self.paused
-        allow_ooe = self.num_ooe < opts.max_num_ooe
+        paused = s.paused
+        allow_ooe = s.num_ooe < opts.max_num_ooe
         can_run: list[Req] = []
         new_waiting: list[Req] = []
         s1 = s2 = 0
@@ -58,7 +64,7 @@ class LoongServeAdmission(LoongServeCore):
         us1 = us2 = 0
         uinv = 0.0
         can_append_und, run_idx = True, 0
-        for k, q in enumerate(self.waiting):
+        for k, q in enumerate(s.waiting):
             length = q.need
             ns = s1 + length
             if self._can_add(res, q, limit, paused) and ns <= bmt and \
@@ -104,42 +110,43 @@ class LoongServeAdmission(LoongServeCore):
                     before_ooe, is_ooe = len(can_run), True
                 new_waiting.append(q)
             else:
-                new_waiting.extend(self.waiting[k:])
+                new_waiting.extend(s.waiting[k:])
                 break
         # Their first-branch size test leaves out the undecided requests, so an out-of-order
         # admission can push the total past the free KV slots and crash their scheduler (empty
         # pop / DP assert): drop undecided ones from the end until the prompts fit.
         while run_idx > 0 and s1 + sum(q.need for q in und[:run_idx]) > bmt:
             run_idx -= 1
-            self.st["admission_trims"] += 1
+            s.st["admission_trims"] += 1
         can_run += und[:run_idx]
         if not can_run:
             return []
         if is_ooe and before_ooe < len(can_run):
-            self.num_ooe += 1
-            self.st["ooe_admissions"] += 1
+            s.num_ooe += 1
+            s.st["ooe_admissions"] += 1
         else:
-            self.num_ooe = 0
-        self.waiting = und[run_idx:] + new_waiting
+            s.num_ooe = 0
+        s.waiting = und[run_idx:] + new_waiting
         return can_run
 
-    def _select_greedy(self, idle: list[int], left_s: float) -> list[Req]:
+    def select_greedy(self, idle: list[int], left_s: float) -> list[Req]:
         """Their `ReqQueue.generate_greedy_req_list`: any waiting request whose prefill still
         fits on the freed instances within what is left of the macro-iteration."""
+        s = self.state
         m = len(idle)
         res = Reservation()
         # Their limit is m·capacity; a freed instance can still hold a stalled batch's KV, so
         # count real free slots (else their DP assert trips).
-        limit = sum(self.cap - self.used[i] for i in idle)
-        paused = self.paused
+        limit = sum(s.cap - s.used[i] for i in idle)
+        paused = s.paused
         can_run: list[Req] = []
         rest: list[Req] = []
         s1 = s2 = 0
-        for q in self.waiting:
+        for q in s.waiting:
             length = q.need
             ns, nsq = s1 + length, s2 + length * length
-            if self._can_add(res, q, limit, paused) and ns <= self.opts.batch_max_tokens and \
-                    self.pred.predict(m, ns, nsq) <= left_s:
+            if self._can_add(res, q, limit, paused) and ns <= s.opts.batch_max_tokens and \
+                    s.pred.predict(m, ns, nsq) <= left_s:
                 can_run.append(q)
                 res.add(*q.tuple_tokens())
                 s1, s2 = ns, nsq
@@ -148,5 +155,5 @@ class LoongServeAdmission(LoongServeCore):
             else:
                 rest.append(q)
         if can_run:
-            self.waiting = rest
+            s.waiting = rest
         return can_run

@@ -7,21 +7,30 @@ more instances, as long as one more prefill instance saves more time than the mo
 
 from __future__ import annotations
 
-from tetris.simulator.loongserve.admission import LoongServeAdmission
+from tetris.simulator.loongserve.kv_ledger import KvLedger
+from tetris.simulator.loongserve.state import LoongServeState
 
 
-class LoongServeCompaction(LoongServeAdmission):
-    """Admission plus the compaction step of a macro-iteration."""
+class Compaction:
+    """Empties decode instances for a prefill, paying the KV migration."""
 
-    def _compact(self, n_idle: int, max_idle: int, avail: list[int], s1: int,
-                 s2: int) -> tuple[int, float]:
+    __slots__ = ("ledger", "state")
+
+    def __init__(self, state: LoongServeState, ledger: KvLedger) -> None:
+        self.state = state
+        self.ledger = ledger
+
+    def compact(self, n_idle: int, max_idle: int, avail: list[int], s1: int,
+                s2: int) -> tuple[int, float]:
         """Their `_minimize_decoding_occupied_instances`: empty the least-loaded decode instances
         into the fullest ones while one more prefill instance saves more than the move costs.
-        The router waits for each move, so the whole cluster pays the transfer time."""
-        cap, used, pred, cm = self.cap, self.used, self.pred, self.cm
-        owner = {i: b for b in self.running for i in b.instances}
+        The router waits for each move, so the whole cluster pays the transfer time. Emptied
+        instances join `avail`; returns the idle count and the delay."""
+        s = self.state
+        cap, used, pred, cm, st = s.cap, s.used, s.pred, s.cm, s.st
+        owner = {i: b for b in s.running for i in b.instances}
         order = sorted(owner, key=lambda i: used[i], reverse=True)
-        start = self.n - max_idle - 1
+        start = s.n - max_idle - 1
         delay = 0.0
         while n_idle < max_idle and order:
             src = order.pop()
@@ -35,7 +44,7 @@ class LoongServeCompaction(LoongServeAdmission):
                     break
             while used[src] > 0:
                 if not 0 <= start < len(order):
-                    self._fail("KV compaction ran out of destination instances")
+                    s.fail("KV compaction ran out of destination instances")
                 dst = order[start]
                 dst_b = owner[dst]
                 amount = min(used[src], cap - used[dst])
@@ -43,13 +52,13 @@ class LoongServeCompaction(LoongServeAdmission):
                     start -= 1
                     continue
                 if src_b is not dst_b:
-                    self._merge(dst_b, src_b)
-                    self.running.remove(src_b)
+                    self.ledger.merge(dst_b, src_b)
+                    s.running.remove(src_b)
                     for i in src_b.instances:
                         owner[i] = dst_b
                     src_b = dst_b
                 moved = amount
-                cross = self.cm.cluster.spans_nodes((src, dst))
+                cross = cm.cluster.spans_nodes((src, dst))
                 for q in src_b.reqs:
                     have = q.kv.get(src, 0)
                     if have == 0 or amount == 0:
@@ -67,11 +76,11 @@ class LoongServeCompaction(LoongServeAdmission):
                 src_b.bused[dst] = src_b.bused.get(dst, 0) + moved
                 seconds = cm.kv_transfer_seconds(moved, cross)
                 delay += seconds
-                self.st["migrations"] += 1
-                self.st["migrated_tokens"] += moved
-                self.st["migration_s"] += seconds
-                self._check_memory((src, dst))
-            self._scale_down(src_b, [src])
+                st["migrations"] += 1
+                st["migrated_tokens"] += moved
+                st["migration_s"] += seconds
+                s.check_memory((src, dst))
+            self.ledger.scale_down(src_b, [src])
             avail.append(src)
             n_idle += 1
         return n_idle, delay

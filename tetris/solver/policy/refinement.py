@@ -1,9 +1,10 @@
 """CP-SAT refinement off the decision path: greedy decides now, CP-SAT improves what is left.
 
 At a decision the greedy plan is launched at once. Then CP-SAT (warm-started from greedy) plans
-the state as it stands after those launches — every request still waiting — "in the
-background": its result becomes usable only `w` later (its time limit, or its measured wall
-time), and only while no request it planned has moved on. At the next decision the refined plan
+the state as it stands after those launches — every request still waiting — in the background:
+its result becomes usable only once it is ready (`refinement_runs`: the simulator charges its
+time limit or its measured wall time; the runtime runs it on a thread of its own and uses it once
+done), and only while no request it planned has moved on. At the next decision the refined plan
 is re-timed against the instances' actual availability (chunks keep their tokens and groups, in
 the refined plan's start order), requests that arrived meanwhile are fitted in after it by
 greedy's rule, and the result is validated and launched instead of greedy's plan when its exact
@@ -16,16 +17,14 @@ docs/simulator.md).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from tetris.solver.api import solve
-from tetris.solver.cp_sat import CpOptions
 from tetris.solver.expansion import occupy
 from tetris.solver.greedy import best_cap_plan, cap_levels
 from tetris.solver.objective import total_objective
 from tetris.solver.plan import ChunkPlan, RequestPlan
+from tetris.solver.policy.refinement_runs import RefinementRun
 from tetris.solver.problem import PendingRequest, Problem
 from tetris.solver.validator import validate_plans
 
@@ -58,47 +57,21 @@ def _progress(r: PendingRequest) -> Progress:
 
 
 @dataclass
-class _Refined:
-    ready_s: float
-    plans: dict[str, RequestPlan]
-    progress: dict[str, Progress]
-
-
-@dataclass
 class BackgroundRefiner:
-    time_limit_ms: float
-    charge_measured: bool
+    """Starts CP-SAT runs on `run` (one at a time) and repairs their plans for later decisions."""
+
+    run: RefinementRun
     min_waiting: int = 2
-    cp_options: CpOptions | None = None
-    _refined: _Refined | None = None
-
-    _busy_until_s: float = -1.0
-
-    def busy(self, now_s: float) -> bool:
-        """CP-SAT is still running (a stale run keeps the solver busy until it ends too)."""
-        return self._busy_until_s > now_s
 
     def start(self, problem: Problem) -> bool:
         """Refine `problem` (the state after this decision's launches); False if not worth it:
         fewer than `min_waiting` requests wait to start, or a refinement is still running."""
-        if self.busy(problem.now_s):
+        if self.run.busy(problem.now_s):
             return False
         waiting = sum(1 for r in problem.requests if r.prefilled_tokens == 0)
         if waiting < self.min_waiting:
             return False
-        started = time.perf_counter()
-        result = solve(problem, "cp", self.time_limit_ms, cp_options=self.cp_options)
-        wall_s = time.perf_counter() - started
-        if not result.status.has_plans:
-            self._refined = None
-            return False
-        took = wall_s if self.charge_measured else self.time_limit_ms / 1e3
-        self._busy_until_s = problem.now_s + took
-        self._refined = _Refined(
-            problem.now_s + took, {p.request_id: p for p in result.plans},
-            {r.request_id: _progress(r) for r in problem.requests},
-        )
-        return True
+        return self.run.start(problem)
 
     def take(self, problem: Problem, greedy_objective: float | None) -> list[RequestPlan] | None:
         """The refined plan repaired for `problem`, if it is ready, passes the validator and
@@ -108,20 +81,22 @@ class BackgroundRefiner:
         the instances' actual availability; requests that arrived since are planned after
         them by greedy's own rule, earliest deadline first. A request it planned that has
         moved on since (a chunk launched by a decision in between) voids the plan."""
-        refined = self._refined
-        if refined is None or refined.ready_s > problem.now_s:
+        done = self.run.take(problem.now_s)
+        if done is None:
             return None
-        self._refined = None
+        planned, result = done
+        progress = {r.request_id: _progress(r) for r in planned.requests}
+        by_id = {p.request_id: p for p in result.plans}
         kept = []
         newcomers = []
         for r in problem.requests:
-            seen = refined.progress.get(r.request_id)
+            seen = progress.get(r.request_id)
             if seen is None:
                 newcomers.append(r)
             elif seen != _progress(r):
                 return None
             else:
-                kept.append(refined.plans[r.request_id])
+                kept.append(by_id[r.request_id])
         plans = retime(problem, kept)
         free = [problem.free_at(g) for g in range(problem.num_instances)]
         for plan in plans:

@@ -1,17 +1,8 @@
-"""Requests and SLOs as users and traces give them."""
+"""SLOs as users give them (absolute, or relative to a request's isolated best TTFT)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-
-class Request(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    request_id: str
-    arrival_s: float = Field(default=0.0, ge=0)
-    prompt_tokens: int = Field(gt=0)
-    max_output_tokens: int = Field(default=1, gt=0)
 
 
 class SloSpec(BaseModel):

@@ -6,11 +6,14 @@ When no single instance has room and decode SP is allowed, the KV is split over 
 instances whose free room covers it (most free room first), each share proportional to that
 instance's room. `None` means "wait": nothing is dropped, the caller retries when KV is freed.
 
-Pure Python, shared by the simulator and the runtime engine.
+`DecodeQueue` is the order: prefilled requests are placed first come first served, so a large
+request at the head is not overtaken forever by small ones. Shared by the simulator and the
+runtime engine, both reading the decode loads from their `Ledger`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,3 +75,43 @@ def choose_decode_instances(
         left -= extra
     assert left == 0 and all(s <= r for s, r in zip(shares, rooms, strict=True))
     return Placement(tuple(chosen), tuple(shares))
+
+
+class DecodeQueue:
+    """Prefilled requests waiting for decode room, in arrival order, with the KV tokens each
+    needs on the decode side (prompt plus every token it may still generate)."""
+
+    def __init__(self, capacity_tokens: int, max_batch: int, max_sp: int) -> None:
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {max_batch}")
+        self.capacity_tokens, self.max_batch, self.max_sp = capacity_tokens, max_batch, max_sp
+        self._waiting: OrderedDict[str, int] = OrderedDict()
+        self.max_waiting = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting
+
+    def submit(self, request_id: str, kv_tokens: int) -> None:
+        self._waiting[request_id] = kv_tokens
+        self.max_waiting = max(self.max_waiting, len(self._waiting))
+
+    def remove(self, request_id: str) -> bool:
+        return self._waiting.pop(request_id, None) is not None
+
+    def head(self) -> tuple[str, int] | None:
+        return next(iter(self._waiting.items()), None)
+
+    def place_head(self, loads: Sequence[DecodeLoad]) -> tuple[str, Placement] | None:
+        """The head and where its KV fits now, or None (empty, or it must wait)."""
+        head = self.head()
+        if head is None:
+            return None
+        placement = choose_decode_instances(loads, head[1], self.capacity_tokens,
+                                            self.max_batch, self.max_sp)
+        return None if placement is None else (head[0], placement)
+
+    def pop(self) -> str:
+        return self._waiting.popitem(last=False)[0]

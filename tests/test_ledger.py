@@ -1,0 +1,142 @@
+"""The ledger both executors feed: the planner's view, launch checks, KV per instance and per
+request, deferred releases, decode reservations and lost instances, on hand-worked events."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tetris.solver.plan import ChunkSpec
+from tetris.solver.policy.dispatch import DecodeLoad, DecodeQueue, Placement
+from tetris.solver.policy.ledger import LOST_AVAILABILITY_S, Ledger, LedgerError
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.policy.view import Launch
+
+OVERRUN = 1e-6
+
+
+def ledger(prefill: int = 2, decode: int = 2, kv: int | None = None) -> Ledger:
+    return Ledger(prefill, decode, PolicySettings(overrun_s=OVERRUN), prefill_kv_tokens=kv)
+
+
+def launch(rid: str, start: int, end: int, *instances: int) -> Launch:
+    return Launch(rid, ChunkSpec(start, end, instances))
+
+
+def test_view_shows_running_chunks_at_their_planned_end_and_overruns_just_after_now() -> None:
+    """A chunk on instance 0 planned for [1.0, 1.5): at 1.2 the planner sees instance 0 free at
+    1.5 and the request ready then; at 1.7 (overrun) both move to just after now."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0), 1.0, 0.5)
+    view = book.view(1.2)
+    assert view.availability_s == (1.5, 1.2) and view.idle == (False, True)
+    (a,) = view.pending
+    assert (a.prefilled_tokens, a.kv_instances, a.ready_s) == (512, (0,), 1.5)
+    late = book.view(1.7)
+    assert late.availability_s[0] == 1.7 + OVERRUN and late.pending[0].ready_s == 1.7 + OVERRUN
+
+
+def test_last_chunk_running_leaves_the_view_then_the_request_waits_for_decode() -> None:
+    """While its last chunk runs a request has nothing to plan; after it, it is handed off."""
+    book = ledger()
+    book.arrive("a", 0.0, 512, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 0.1)
+    assert book.view(0.05).pending == ()
+    assert book.nothing_to_decide(0.05)  # every request in prefill is mid-chunk
+    _, released = book.chunk_ended("a", 0.1)
+    assert released is None and "a" in book.handoff and not book.prefill
+    assert book.busy == [False, False] and book.busy_s == [0.1, 0.1]
+
+
+def test_launch_refusals_name_what_is_wrong() -> None:
+    """Unknown request, a gap in the prompt, a busy or non-nested group, no KV room."""
+    book = ledger(kv=300)
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.arrive("b", 0.0, 1000, 5.0)
+    assert book.refusal(launch("x", 0, 64, 0)) == "not a pending request"
+    assert "continue its prefill at 0" in str(book.refusal(launch("a", 64, 128, 0)))
+    assert book.refusal(launch("a", 0, 1000, 0, 1)) == "no KV room on instances (0, 1)"
+    book.launch(launch("a", 0, 256, 0), 0.0, 1.0)
+    assert "busy" in str(book.refusal(launch("b", 0, 64, 0)))
+    book.chunk_ended("a", 1.0)
+    assert "not nested" in str(book.refusal(launch("a", 256, 320, 1)))
+    with pytest.raises(LedgerError, match="launch of 'a'"):
+        book.launch(launch("a", 256, 320, 1), 1.0, 0.1)
+
+
+def test_kv_per_instance_follows_the_zigzag_split() -> None:
+    """[0, 512) on {0, 1}: pieces of 128, each member keeps 256; then [512, 1000) on {0, 1, 2}:
+    six pieces of 81, 81, 82, 81, 81, 82 tokens, member i taking pieces i and 5 − i."""
+    book = ledger(prefill=3)
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 0.1)
+    assert book.kv_used == [256, 256, 0]
+    book.chunk_ended("a", 0.1)
+    book.launch(launch("a", 512, 1000, 0, 1, 2), 0.1, 0.1)
+    assert book.kv_used == [256 + 163, 256 + 162, 163]
+    assert book.entry("a").kv_held == {0: 419, 1: 418, 2: 163}  # type: ignore[union-attr]
+
+
+def test_release_while_a_chunk_runs_is_done_when_it_ends() -> None:
+    """A cancel mid-chunk frees nothing under the running chunk; the chunk's end frees its
+    KV (returned, for the workers) and the request is gone."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 0.1)
+    assert book.release("a") is None
+    assert book.view(0.01).pending == () and book.kv_used == [256, 256]
+    _, released = book.chunk_ended("a", 0.1)
+    assert released is not None and released.prefill_kv == {0: 256, 1: 256}
+    assert "a" not in book and book.is_empty()
+
+
+def test_decode_reservation_and_a_release_during_the_kv_transfer() -> None:
+    """Decode KV is reserved at placement; a release while the KV moves waits for the move,
+    which then reports both sides to free."""
+    book = ledger()
+    book.arrive("a", 0.0, 512, 5.0)
+    book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    queue = DecodeQueue(capacity_tokens=1000, max_batch=4, max_sp=2)
+    queue.submit("a", 600)
+    placed = queue.place_head(book.decode_loads())
+    assert placed is not None and placed[1].instances == (0,)
+    queue.pop()
+    book.hold((0,), 0.2)
+    book.decode_begin("a", (0,), (600,))
+    assert book.decode_loads() == [DecodeLoad(600, 1), DecodeLoad(0, 0)]
+    assert book.release("a") is None  # its KV is moving
+    book.unhold((0,))
+    _, released = book.kv_moved("a")
+    assert released.prefill_kv == {0: 512} and released.decode_instances == (0,)
+    assert book.is_empty()
+
+
+def test_lost_instances_are_never_offered_and_their_requests_reported() -> None:
+    """Instance 1 lost: shown busy far in the future, refused for launches; the request whose
+    KV was on it is returned; a lost decode instance gets no more placements."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.arrive("b", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    assert book.instance_lost(1) == ["a"]
+    view = book.view(2.0)
+    assert view.availability_s == (2.0, 2.0 + LOST_AVAILABILITY_S) and view.idle == (True, False)
+    assert "busy" in str(book.refusal(launch("b", 0, 64, 1)))
+    assert book.decode_instance_lost(0) == []
+    queue = DecodeQueue(capacity_tokens=1000, max_batch=4, max_sp=1)
+    queue.submit("a", 10)
+    assert queue.place_head(book.decode_loads()) == ("a", Placement((1,), (10,)))
+
+
+def test_load_average_follows_the_busy_share_with_its_memory() -> None:
+    """Both instances busy for one time constant: load = 1 − e^−1."""
+    book = ledger()
+    book.arrive("a", 0.0, 10_000, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 100.0)
+    book.nothing_to_decide(0.0)
+    book.nothing_to_decide(30.0)  # the settings' default memory: 30 s
+    assert book.load.load == pytest.approx(1 - math.exp(-1))

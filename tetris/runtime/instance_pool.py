@@ -1,0 +1,64 @@
+"""What the engine needs of its instances: the `InstancePool` protocol.
+
+`actors.WorkerPool` implements it with one Ray actor per instance (a model replica and its KV
+cache each); tests implement it without Ray or a model. Ranks: prefill instance g is rank g,
+decode instance j is rank `num_prefill + j`. Calls on one rank run in the order they were made
+(the engine makes every call from its one event-loop thread), so a `free` made after a chunk,
+a transfer or a step runs after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tetris.runtime.batch_attend import DecodeEntry
+from tetris.runtime.kv_moves import KVMove
+from tetris.runtime.sampling import SamplingParams
+from tetris.solver.plan import ChunkSpec
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    seconds: float
+    # Only on the rank that computed the prompt's last token, after the last chunk:
+    first_token: int | None = None
+    sampler_state: Any = None  # the sampler's generator state, handed to the decode lead
+    logits: Any = None  # [vocab] tensor, when asked for (checks against a reference model)
+
+
+class InstancePool(Protocol):
+    @property
+    def num_prefill(self) -> int: ...
+
+    @property
+    def num_decode(self) -> int: ...
+
+    @property
+    def prefill_kv_tokens(self) -> int:
+        """KV tokens each prefill instance holds."""
+
+    @property
+    def decode_kv_tokens(self) -> int: ...
+
+    def ensure_group(self, ranks: tuple[int, ...]) -> None:
+        """The process group of `ranks` exists before any call that uses it is made."""
+
+    async def prefill(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
+                      sampling: SamplingParams | None) -> list[PrefillResult | BaseException]:
+        """Every rank of `chunk.instances` runs its share; one answer per rank, in that order,
+        each awaited (a failing rank's peers may still be inside the chunk)."""
+
+    async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
+                      reserve: Sequence[int], sampling: SamplingParams,
+                      sampler_state: Any) -> list[BaseException]:
+        """Send the prompt's KV from the moves' sources (which free it) to `dests` (ranks,
+        the lead first, each taking `reserve[i]` tokens of room); the errors, if any."""
+
+    async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
+                          ) -> dict[str, int]:
+        """One continuous-batching step on every rank named; each request's new token."""
+
+    def free(self, request_id: str, ranks: Sequence[int]) -> None:
+        """Free the request's KV on `ranks` (no answer awaited; ordered after earlier calls)."""

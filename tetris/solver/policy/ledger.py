@@ -1,0 +1,286 @@
+"""The ledger: what runs where and what KV each request holds, kept from executor events.
+
+Both executors report the same events — a request arrived, a chunk was launched or ended, its
+prompt's KV moved to decode, it finished or was cancelled, an instance was lost — and the ledger
+turns them into the planner's view (`view`). It is the one book of instance state and KV room:
+the simulator and the runtime keep no other (the runtime's workers hold the KV itself; the
+ledger says how much of it is whose).
+
+A request passes through three books: `prefill` (prompt left to plan, or a chunk running),
+`handoff` (prefilled: its KV waits on its prefill instances for decode room) and `decode`
+(reserved on decode instances, its KV `moving` until the transfer is done). `release` takes it
+out of whichever it is in; while a chunk or a KV transfer of it is in flight, the release is
+deferred to that work's end, so nothing is freed under a running operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from tetris.solver.policy.dispatch import DecodeLoad
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.policy.view import Launch, LoadTracker, PrefillView
+from tetris.solver.problem import PendingRequest
+
+# A lost instance is shown free only this far in the future: plans never start on it now, and
+# the planners (which need finite times) price any plan waiting for it as hopeless.
+LOST_AVAILABILITY_S = 1e6
+
+
+class LedgerError(RuntimeError):
+    """An executor event contradicts the ledger (an executor bug, never a user's input)."""
+
+
+@dataclass(slots=True)
+class RequestEntry:
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    ttft_slo_s: float
+    prefilled: int = 0  # tokens of launched chunks
+    kv_instances: tuple[int, ...] = ()  # the last launched chunk's group
+    planned_ready_s: float = 0.0
+    running: bool = False
+    kv_held: dict[int, int] = field(default_factory=dict)  # prefill instance -> KV tokens
+    decode: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (instances, reserved)
+    moving: bool = False  # its KV transfer prefill -> decode is in flight
+    release_pending: bool = False  # released while its work was in flight: freed at its end
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What a request held when it left the ledger (the executor frees it on the workers)."""
+
+    request_id: str
+    prefill_kv: dict[int, int]  # prefill instance -> KV tokens
+    decode_instances: tuple[int, ...]
+
+
+class Ledger:
+    def __init__(self, num_prefill: int, num_decode: int, settings: PolicySettings,
+                 prefill_kv_tokens: int | None = None) -> None:
+        if num_prefill < 1:
+            raise ValueError(f"need at least one prefill instance, got {num_prefill}")
+        self.settings = settings
+        self.prefill_kv_tokens = prefill_kv_tokens  # None: the planners bound KV alone
+        self.busy = [False] * num_prefill  # running a chunk, or sending KV
+        self.planned_end = [0.0] * num_prefill
+        self.busy_s = [0.0] * num_prefill
+        self.lost = [False] * num_prefill
+        self.kv_used = [0] * num_prefill
+        self.decode_reserved = [0] * num_decode
+        self.decode_batch = [0] * num_decode
+        self.decode_lost = [False] * num_decode
+        self.load = LoadTracker(settings.load_tau_s)
+        self.prefill: dict[str, RequestEntry] = {}  # arrival order: the planners' order
+        self.handoff: dict[str, RequestEntry] = {}
+        self.decode: dict[str, RequestEntry] = {}
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def num_prefill(self) -> int:
+        return len(self.busy)
+
+    def entry(self, request_id: str) -> RequestEntry | None:
+        return (self.prefill.get(request_id) or self.handoff.get(request_id)
+                or self.decode.get(request_id))
+
+    def __contains__(self, request_id: str) -> bool:
+        return self.entry(request_id) is not None
+
+    def __len__(self) -> int:
+        return len(self.prefill) + len(self.handoff) + len(self.decode)
+
+    def idle(self, instances: Sequence[int]) -> bool:
+        return not any(self.busy[g] or self.lost[g] for g in instances)
+
+    def decode_loads(self) -> list[DecodeLoad]:
+        """The dispatcher's view; a lost decode instance shows no room and no slot."""
+        big = 1 << 62
+        return [DecodeLoad(big, big) if lost else DecodeLoad(r, b) for r, b, lost in
+                zip(self.decode_reserved, self.decode_batch, self.decode_lost, strict=True)]
+
+    def is_empty(self) -> bool:
+        """Nothing held anywhere: every instance free and every KV count back to zero."""
+        return (not len(self) and not any(self.busy) and not any(self.kv_used)
+                and not any(self.decode_reserved) and not any(self.decode_batch))
+
+    # -- the planner's view ---------------------------------------------------------------------
+    def nothing_to_decide(self, now: float) -> bool:
+        """Advance the load average; True when no chunk could start now (every prefill
+        instance busy, or every request in prefill mid-chunk), so a decision is skipped."""
+        busy = sum(self.busy)
+        self.load.update(now, busy / len(self.busy))
+        return busy == len(self.busy) or all(e.running or e.release_pending
+                                             for e in self.prefill.values())
+
+    def view(self, now: float) -> PrefillView:
+        overrun = now + self.settings.overrun_s
+        availability = tuple(LOST_AVAILABILITY_S + now if lost else max(end, overrun) if b
+                             else now for b, end, lost in zip(self.busy, self.planned_end,
+                                                             self.lost, strict=True))
+        pending = []
+        for e in self.prefill.values():
+            if e.prefilled == e.prompt_tokens or e.release_pending:
+                continue  # its last chunk is running, or it is gone: nothing left to plan
+            pending.append(PendingRequest(
+                e.request_id, e.arrival_s, e.prompt_tokens, e.ttft_slo_s,
+                prefilled_tokens=e.prefilled, kv_instances=e.kv_instances,
+                ready_s=max(e.planned_ready_s, overrun) if e.running else None))
+        idle = tuple(not (b or lost) for b, lost in zip(self.busy, self.lost, strict=True))
+        return PrefillView(now, availability, idle, tuple(pending), self.load.load)
+
+    # -- prefill events -----------------------------------------------------------------------
+    def arrive(self, request_id: str, arrival_s: float, prompt_tokens: int,
+               ttft_slo_s: float) -> None:
+        if request_id in self:
+            raise LedgerError(f"request id {request_id!r} is already in the ledger")
+        self.prefill[request_id] = RequestEntry(request_id, arrival_s, prompt_tokens,
+                                                ttft_slo_s)
+
+    def refusal(self, launch: Launch) -> str | None:
+        """Why `launch` cannot start now, or None: a decision made on an older view may
+        name a request that has gone or instances busy since, and planners bound one
+        request's KV per instance, not the sum over requests."""
+        e = self.prefill.get(launch.request_id)
+        c = launch.chunk
+        if e is None or e.release_pending:
+            return "not a pending request"
+        if e.running or c.start_token != e.prefilled or \
+                not e.prefilled < c.end_token <= e.prompt_tokens:
+            return (f"tokens [{c.start_token}, {c.end_token}) do not continue its prefill at "
+                    f"{e.prefilled}")
+        if not self.idle(c.instances) or not set(e.kv_instances) <= set(c.instances):
+            return f"instances {c.instances} busy or not nested"
+        room = self.prefill_kv_tokens
+        if room is not None and any(self.kv_used[g] + n > room
+                                    for g, n in c.kv_shares().items()):
+            return f"no KV room on instances {c.instances}"
+        return None
+
+    def launch(self, launch: Launch, start_s: float, planned_s: float) -> RequestEntry:
+        """The chunk starts at `start_s`, planned to take `planned_s` (LedgerError if it may
+        not: check `refusal` first where a refusal is expected)."""
+        why = self.refusal(launch)
+        if why is not None:
+            raise LedgerError(f"launch of {launch.request_id!r}: {why}")
+        e = self.prefill[launch.request_id]
+        c = launch.chunk
+        e.prefilled, e.kv_instances = c.end_token, c.instances
+        e.planned_ready_s = start_s + planned_s
+        e.running = True
+        for g, n in c.kv_shares().items():
+            self.kv_used[g] += n
+            e.kv_held[g] = e.kv_held.get(g, 0) + n
+        for g in c.instances:
+            self.busy[g] = True
+            self.planned_end[g] = start_s + planned_s
+        return e
+
+    def chunk_ended(self, request_id: str,
+                    seconds: float) -> tuple[RequestEntry, Released | None]:
+        """The request's running chunk ended (done or failed) after `seconds`: its group is
+        free. A request whose last chunk this was moves to the handoff book; one released
+        while the chunk ran leaves the ledger now, and what it held is returned."""
+        e = self.prefill.get(request_id)
+        if e is None or not e.running:
+            raise LedgerError(f"chunk end of {request_id!r}: no chunk of it is running")
+        e.running = False
+        for g in e.kv_instances:
+            self.busy[g] = False
+            self.busy_s[g] += seconds
+        if e.release_pending:
+            return e, self._drop(e)
+        if e.prefilled == e.prompt_tokens:
+            del self.prefill[request_id]
+            self.handoff[request_id] = e
+        return e, None
+
+    def hold(self, instances: Sequence[int], now: float) -> None:
+        """Take idle prefill instances for a KV transfer (a sender cannot compute)."""
+        if not self.idle(instances):
+            raise LedgerError(f"hold of {tuple(instances)}: not idle")
+        for g in instances:
+            self.busy[g], self.planned_end[g] = True, now + self.settings.overrun_s
+
+    def unhold(self, instances: Sequence[int]) -> None:
+        for g in instances:
+            self.busy[g] = False
+
+    # -- decode events ------------------------------------------------------------------------
+    def decode_begin(self, request_id: str, instances: tuple[int, ...],
+                     reserved: tuple[int, ...], moving: bool = True) -> RequestEntry:
+        """The request takes `reserved[i]` KV tokens and a batch slot on decode instance
+        `instances[i]` (the lead first); its KV is `moving` there until `kv_moved`."""
+        e = self.handoff.pop(request_id, None)
+        if e is None:
+            raise LedgerError(f"decode of {request_id!r}: it is not prefilled")
+        for j, n in zip(instances, reserved, strict=True):
+            self.decode_reserved[j] += n
+            self.decode_batch[j] += 1
+        e.decode, e.moving = (instances, reserved), moving
+        self.decode[request_id] = e
+        if not moving:
+            self._free_prefill_kv(e)
+        return e
+
+    def kv_moved(self, request_id: str) -> tuple[RequestEntry, Released]:
+        """The transfer ended: the prefill KV is gone (sent, or to be freed after a failure:
+        `Released.prefill_kv` says where it was). A request released during the transfer
+        leaves the ledger now (`Released.decode_instances` to free too)."""
+        e = self.decode.get(request_id)
+        if e is None or not e.moving:
+            raise LedgerError(f"KV moved of {request_id!r}: no transfer of it is in flight")
+        e.moving = False
+        held = self._free_prefill_kv(e)
+        if e.release_pending:
+            return e, replace(self._drop(e), prefill_kv=held)
+        return e, Released(request_id, held, ())
+
+    # -- endings ------------------------------------------------------------------------------
+    def release(self, request_id: str) -> Released | None:
+        """The request finished, was cancelled or failed: what it held, to free on the
+        workers; None if a chunk or transfer of it is still in flight (its end frees it) or
+        it is not in the ledger."""
+        e = self.entry(request_id)
+        if e is None or e.release_pending:
+            return None
+        if e.running or e.moving:
+            e.release_pending = True
+            return None
+        return self._drop(e)
+
+    def _drop(self, e: RequestEntry) -> Released:
+        held = self._free_prefill_kv(e)
+        decode: tuple[int, ...] = ()
+        if e.decode is not None:
+            decode, reserved = e.decode
+            for j, n in zip(decode, reserved, strict=True):
+                self.decode_reserved[j] -= n
+                self.decode_batch[j] -= 1
+            e.decode = None
+        for book in (self.prefill, self.handoff, self.decode):
+            book.pop(e.request_id, None)
+        return Released(e.request_id, held, decode)
+
+    def _free_prefill_kv(self, e: RequestEntry) -> dict[int, int]:
+        held, e.kv_held = e.kv_held, {}
+        for g, n in held.items():
+            self.kv_used[g] -= n
+        return held
+
+    def instance_lost(self, instance: int) -> list[str]:
+        """Prefill instance `instance` is gone: it takes no more work, and the requests whose
+        KV or running chunk was on it are returned (their prompts must be failed or redone)."""
+        self.lost[instance] = True
+        return [e.request_id for book in (self.prefill, self.handoff) for e in book.values()
+                if instance in e.kv_held or (e.running and instance in e.kv_instances)]
+
+    def decode_instance_lost(self, instance: int) -> list[str]:
+        """Decode instance `instance` is gone: nothing more is placed on it, and the requests
+        decoding there are returned."""
+        self.decode_lost[instance] = True
+        return [e.request_id for e in self.decode.values()
+                if e.decode is not None and instance in e.decode[0]]
+
