@@ -10,6 +10,7 @@ the daemon's actors.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,17 +137,27 @@ def generate(workers: WorkerGroup, prompt_ids: Sequence[int], chunks: Sequence[C
         raise ValueError(f"decode instances {instances}: the group has {decoders} decode "
                          "ranks")
     decode_ranks = tuple(p + j for j in instances)
-    started = time.perf_counter()
-    first, runs = prefill_prompt(workers, request_id, prompt_ids, chunks, sampling, strategy)
-    first_token_s = time.perf_counter() - started
-    assert first.first_token is not None and first.logits is not None
-    if rooms is None:
-        rooms = workers.run([Call(d, "free_tokens") for d in decode_ranks])
-    move_kv(workers, request_id, chunks, first, sampling, decode_ranks, rooms)
-    decode_started = time.perf_counter()
-    tokens = decode(workers, request_id, first.first_token, len(prompt_ids), sampling, eos_ids,
-                    decode_ranks)
-    decode_s = time.perf_counter() - decode_started
+    touched = sorted({r for c in chunks for r in c.instances} | set(decode_ranks))
+    try:
+        started = time.perf_counter()
+        first, runs = prefill_prompt(workers, request_id, prompt_ids, chunks, sampling,
+                                     strategy)
+        first_token_s = time.perf_counter() - started
+        assert first.first_token is not None and first.logits is not None
+        if rooms is None:
+            rooms = workers.run([Call(d, "free_tokens") for d in decode_ranks])
+        move_kv(workers, request_id, chunks, first, sampling, decode_ranks, rooms)
+        decode_started = time.perf_counter()
+        tokens = decode(workers, request_id, first.first_token, len(prompt_ids), sampling,
+                        eos_ids, decode_ranks)
+        decode_s = time.perf_counter() - decode_started
+    except BaseException:
+        # Free whatever the request holds anywhere (freeing what is not held is harmless), so
+        # a failed plan leaves no KV behind on workers that outlive it (Ray actors); a group
+        # that lost a rank is past use, and its own error is the one that matters.
+        with contextlib.suppress(Exception):
+            workers.run([Call(r, "free", (request_id,)) for r in touched])
+        raise
     workers.run([Call(d, "free", (request_id,)) for d in decode_ranks])
     steps = len(tokens) - 1
     return Generation(
