@@ -78,10 +78,6 @@ class Ledger:
         self.decode: dict[str, RequestEntry] = {}
 
     # -- queries ------------------------------------------------------------------------------
-    @property
-    def num_prefill(self) -> int:
-        return len(self.busy)
-
     def entry(self, request_id: str) -> RequestEntry | None:
         return (self.prefill.get(request_id) or self.handoff.get(request_id)
                 or self.decode.get(request_id))

@@ -85,7 +85,6 @@ class ThreadRun:
     time_limit_ms: float
     cp_options: CpOptions | None = None
     last_wall_s: float = 0.0  # of the latest run to finish
-    last_error: str | None = None
     _running: tuple[Problem, Future[SolveResult]] | None = field(default=None, repr=False)
 
     def busy(self, now_s: float) -> bool:
@@ -106,8 +105,7 @@ class ThreadRun:
         self._running = None
         try:
             result = future.result()
-        except Exception as err:  # a failed refinement loses only its improvement
+        except Exception:  # a failed refinement loses only its improvement
             log.exception("background refinement failed")
-            self.last_error = repr(err)
             return None
         return (problem, result) if result.status.has_plans else None
