@@ -23,12 +23,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from tetris.runtime.admission import Limits, check_request
 from tetris.runtime.decode_runner import DecodeRunner
 from tetris.runtime.detokenize import Detokenizer
 from tetris.runtime.engine_api import (
+    EngineHealth,
     GenerationRequest,
     QueueFull,
     RequestRejected,
@@ -102,11 +103,28 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
         self.failure: str | None = None
+        self.instances_lost = 0
+        self.requests_recovered = 0
 
     # -- EngineAPI --------------------------------------------------------------------------
     @property
     def serving(self) -> bool:
         return self._running and self.failure is None
+
+    def health(self) -> EngineHealth:
+        p_live = sum(not lost for lost in self.ledger.lost)
+        d_live = sum(not lost for lost in self.ledger.decode_lost)
+        status: Literal["ok", "degraded", "unavailable"] = "ok"
+        if not self.serving or not p_live or not d_live:
+            status = "unavailable"
+        elif p_live < self.pool.num_prefill or d_live < self.pool.num_decode:
+            status = "degraded"
+        return EngineHealth(status, p_live, self.pool.num_prefill, d_live, self.pool.num_decode,
+                            self.instances_lost, self.requests_recovered)
+
+    @property
+    def queue_room(self) -> int:
+        return max(self.options.max_queue - len(self.requests), 0)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -77,6 +77,21 @@ class RequestStream(Protocol):
         Idempotent: it may come after the stream ended or raised, and more than once."""
 
 
+@dataclass(frozen=True)
+class EngineHealth:
+    """What `/health` reports: "ok" while every instance serves, "degraded" while some were
+    lost but each role still has one (200 either way), "unavailable" when a role has none or
+    the engine is not serving (503)."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    prefill_live: int
+    prefill_total: int
+    decode_live: int
+    decode_total: int
+    instances_lost: int = 0  # losses since start (an instance lost twice counts twice)
+    requests_recovered: int = 0  # requests that survived a loss and went on
+
+
 class EngineAPI(Protocol):
     model_name: str
     context_tokens: int
@@ -86,6 +101,14 @@ class EngineAPI(Protocol):
 
     @property
     def serving(self) -> bool: ...
+
+    def health(self) -> EngineHealth:
+        """Cheap, on the event loop."""
+
+    @property
+    def queue_room(self) -> int:
+        """Requests the engine would still accept before answering QueueFull (its bound less
+        the requests it holds); the daemon also counts requests it is still tokenizing."""
 
     # Both may run in a worker thread (a long prompt must not stall other streams), so they
     # are thread-safe; ValueError means the input cannot be encoded (e.g. no chat template).

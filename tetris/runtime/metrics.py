@@ -52,6 +52,23 @@ class ServingMetrics:
         self._finished = Counter("tetris:request_success_total",
                                  "Requests finished, by finish reason.",
                                  ["finished_reason"], registry=self.registry)
+        self._lost = Counter("tetris:instance_failures_total",
+                             "Instances lost (actor died, call failed, collective timed out).",
+                             ["role"], registry=self.registry)
+        self._recovered = Counter("tetris:requests_recovered_total",
+                                  "Requests that lost KV to an instance failure and were "
+                                  "redone on the survivors.", registry=self.registry)
+        self._live = Gauge("tetris:instances_live", "Instances serving, by role.", ["role"],
+                           registry=self.registry)
+
+    def instance_lost(self, role: str) -> None:
+        self._lost.labels(role=role).inc()
+
+    def request_recovered(self) -> None:
+        self._recovered.inc()
+
+    def set_instances_live(self, role: str, live: int) -> None:
+        self._live.labels(role=role).set(live)
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(_duration(seconds))
