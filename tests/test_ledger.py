@@ -132,6 +132,46 @@ def test_lost_instances_are_never_offered_and_their_requests_reported() -> None:
     assert queue.place_head(book.decode_loads()) == ("a", Placement((1,), (10,)))
 
 
+def test_redo_frees_everything_and_requeues_in_arrival_order() -> None:
+    """'a' holds 512 KV on {0, 1} and is redone after 1 is lost: its 512 tokens come back to
+    free, it waits from token 0 with its new length ahead of the later 'b'; instance 1 may
+    rejoin only once nothing is left on it."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.arrive("b", 1.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0, 1), 0.0, 0.1)
+    assert book.instance_lost(1) == ["a"]
+    with pytest.raises(LedgerError, match="in flight"):
+        book.redo("a", 1000)
+    with pytest.raises(LedgerError, match="rejoins holding 256"):
+        book.instance_back(1)
+    book.chunk_ended("a", 0.1)
+    released = book.redo("a", 1010, ttft_slo_s=7.0)
+    assert released.prefill_kv == {0: 256, 1: 256} and released.decode_instances == ()
+    assert list(book.prefill) == ["a", "b"]
+    entry = book.prefill["a"]
+    assert (entry.prefilled, entry.prompt_tokens, entry.kv_held, entry.ttft_slo_s) == \
+        (0, 1010, {}, 7.0)
+    book.instance_back(1)
+    assert book.view(2.0).idle == (True, True)
+
+
+def test_redo_of_a_decoding_request_frees_its_decode_room() -> None:
+    """A request decoding on decode instance 0 when it is lost: redo returns its decode
+    instance to free and takes its reservation back; then the instance may rejoin."""
+    book = ledger()
+    book.arrive("a", 0.0, 512, 5.0)
+    book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    book.decode_begin("a", (0,), (600,), moving=False)
+    assert book.decode_instance_lost(0) == ["a"]
+    released = book.redo("a", 520, arrival_s=3.0)
+    assert released.decode_instances == (0,) and book.decode_reserved == [0, 0]
+    assert book.prefill["a"].arrival_s == 3.0
+    book.decode_instance_back(0)
+    assert book.decode_loads()[0].reserved_tokens == 0
+
+
 def test_load_average_follows_the_busy_share_with_its_memory() -> None:
     """Both instances busy for one time constant: load = 1 − e^−1."""
     book = ledger()

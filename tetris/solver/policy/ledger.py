@@ -266,17 +266,50 @@ class Ledger:
             self.kv_used[g] -= n
         return held
 
+    # -- instance failures ----------------------------------------------------------------------
     def instance_lost(self, instance: int) -> list[str]:
         """Prefill instance `instance` is gone: it takes no more work, and the requests whose
-        KV or running chunk was on it are returned (their prompts must be failed or redone)."""
+        KV or running chunk was on it are returned (their prompts must be failed or redone),
+        including one whose KV was being sent from it to decode."""
         self.lost[instance] = True
-        return [e.request_id for book in (self.prefill, self.handoff) for e in book.values()
+        return [e.request_id for book in (self.prefill, self.handoff, self.decode)
+                for e in book.values()
                 if instance in e.kv_held or (e.running and instance in e.kv_instances)]
 
     def decode_instance_lost(self, instance: int) -> list[str]:
         """Decode instance `instance` is gone: nothing more is placed on it, and the requests
-        decoding there are returned."""
+        decoding there (or moving their KV there) are returned."""
         self.decode_lost[instance] = True
         return [e.request_id for e in self.decode.values()
                 if e.decode is not None and instance in e.decode[0]]
 
+    def instance_back(self, instance: int) -> None:
+        """Prefill instance `instance` serves again, empty (a restarted replica)."""
+        if self.kv_used[instance]:
+            raise LedgerError(f"prefill instance {instance} rejoins holding "
+                              f"{self.kv_used[instance]} KV tokens of lost requests")
+        self.lost[instance] = self.busy[instance] = False
+
+    def decode_instance_back(self, instance: int) -> None:
+        if self.decode_reserved[instance] or self.decode_batch[instance]:
+            raise LedgerError(f"decode instance {instance} rejoins with requests on it")
+        self.decode_lost[instance] = False
+
+    def redo(self, request_id: str, prompt_tokens: int, *, arrival_s: float | None = None,
+             ttft_slo_s: float | None = None) -> Released:
+        """Start the request's prefill over from token 0 with `prompt_tokens` to prefill (a
+        decoding request's prompt plus the tokens it generated), after KV of it was lost:
+        everything it holds anywhere is returned to free, and it waits in prefill again in
+        arrival order. Its chunk or KV transfer must have ended first."""
+        e = self.entry(request_id)
+        if e is None or e.release_pending:
+            raise LedgerError(f"redo of {request_id!r}: not in the ledger")
+        if e.running or e.moving:
+            raise LedgerError(f"redo of {request_id!r}: its chunk or KV transfer is in flight")
+        released = self._drop(e)
+        fresh = RequestEntry(request_id, e.arrival_s if arrival_s is None else arrival_s,
+                             prompt_tokens, e.ttft_slo_s if ttft_slo_s is None else ttft_slo_s)
+        waiting = [*self.prefill.values(), fresh]
+        waiting.sort(key=lambda x: x.arrival_s)  # stable: ties keep their order
+        self.prefill = {x.request_id: x for x in waiting}
+        return released
