@@ -3,8 +3,14 @@
 Prefill keeps each rank's share of a chunk (the zigzag split the real workers use), the rank
 holding the prompt's last token answers with the first token, KV transfers move the counts to
 the decode ranks (which reserve what the engine asks), and a decode step makes every led request
-one token (`NEXT_TOKEN`, never EOS). Each call waits its configured delay; a prefill of a request
-named in `fail_prefill` raises on its last rank, as a dying worker would.
+one token. The token produced after position p is `token_after(p)`, so a stream that repeats or
+skips a token shows it. Each call waits its configured delay.
+
+Faults, as the real pool reports them: a prefill of a request named in `fail_prefill` raises on
+its last rank (a live rank failing); `kill(rank)` ends an instance (its KV gone, every call on
+it InstanceLost, its peers in a call with it fail, `probe` reports it); `kill_in_prefill` /
+`kill_in_decode` kill a rank in the middle of a request's chunk or of its n-th decode step.
+`replace` and `reform` bring lost ranks back empty.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.instance_pool import PrefillResult
+from tetris.runtime.instance_pool import InstanceLost, PrefillResult, StepResult
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.plan import ChunkSpec
 
-NEXT_TOKEN = 65  # "A" to the fake tokenizer
+
+def token_after(position: int) -> int:
+    """The fake model's next token after `position`: A..Z in turn, never EOS."""
+    return 65 + (position + 1) % 26
 
 
 @dataclass
@@ -33,9 +42,16 @@ class FakePool:
     transfer_delay_s: float = 0.01
     step_delay_s: float = 0.005
     fail_prefill: set[str] = field(default_factory=set)
+    kill_in_prefill: dict[str, int] = field(default_factory=dict)  # request -> rank to kill
+    kill_in_decode: dict[int, int] = field(default_factory=dict)  # rank -> steps before
     kv: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> request -> tokens
     groups: set[tuple[int, ...]] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
+    world_intact: bool = True
+    reforms: int = 0
+    _unreported: list[int] = field(default_factory=list)
+    _steps: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.kv = {r: {} for r in range(self.num_prefill + self.num_decode)}
@@ -44,27 +60,77 @@ class FakePool:
         return sum(n for per in self.kv.values() for n in per.values())
 
     def ensure_group(self, ranks: tuple[int, ...]) -> None:
+        assert self.can_group(ranks), f"group {ranks} made while the world is broken"
         self.groups.add(ranks)
 
+    # -- faults -------------------------------------------------------------------------------
+    def kill(self, rank: int) -> None:
+        if rank not in self.dead:
+            self.dead.add(rank)
+            self._unreported.append(rank)
+            self.kv[rank].clear()
+            self.world_intact = False
+
+    def can_group(self, ranks: tuple[int, ...]) -> bool:
+        return len(ranks) == 1 or self.world_intact or ranks in self.groups
+
+    def probe(self) -> list[int]:
+        found, self._unreported = self._unreported, []
+        return found
+
+    async def replace(self, ranks: Sequence[int]) -> None:
+        self.calls.append(f"replace {list(ranks)}")
+        await asyncio.sleep(self.prefill_delay_s)
+        for r in ranks:
+            assert not self.kv[r], f"rank {r} replaced holding KV"
+            self.dead.discard(r)
+
+    async def reform(self) -> None:
+        assert not self.dead, f"reform with ranks {self.dead} still dead"
+        self.calls.append("reform")
+        self.groups.clear()
+        self.world_intact = True
+        self.reforms += 1
+
+    def _fault(self, rank: int, peers: Sequence[int]) -> BaseException | None:
+        if rank in self.dead:
+            if rank in self._unreported:  # a call saw it first, as Ray's would
+                self._unreported.remove(rank)
+            return InstanceLost(rank)
+        if any(p in self.dead for p in peers):
+            return RuntimeError(f"rank {rank}: a peer's connection closed")
+        return None
+
+    # -- work ---------------------------------------------------------------------------------
     async def prefill(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
                       sampling: SamplingParams | None) -> list[PrefillResult | BaseException]:
         self.calls.append(f"prefill {request_id} [{chunk.start_token},{chunk.end_token}) "
                           f"{chunk.instances}")
         assert len(chunk_ids) == chunk.tokens
         assert chunk.sp == 1 or chunk.instances in self.groups
-        await asyncio.sleep(self.prefill_delay_s)
+        await asyncio.sleep(self.prefill_delay_s / 2)
+        victim = self.kill_in_prefill.get(request_id)
+        if victim in chunk.instances:
+            del self.kill_in_prefill[request_id]
+            self.kill(victim)
+        await asyncio.sleep(self.prefill_delay_s / 2)
         out: list[PrefillResult | BaseException] = []
         for i, g in enumerate(chunk.instances):
+            fault = self._fault(g, chunk.instances)
+            if fault is not None:
+                out.append(fault)
+                continue
             share = chunk.tokens_on(g)
             if share > self.prefill_kv_tokens - sum(self.kv[g].values()):
                 out.append(MemoryError(f"rank {g}: no KV room for {share} tokens"))
                 continue
             if request_id in self.fail_prefill and i == chunk.sp - 1:
-                out.append(RuntimeError(f"rank {g} died"))
+                out.append(RuntimeError(f"rank {g} raised"))
                 continue
             self.kv[g][request_id] = self.kv[g].get(request_id, 0) + share
             has_last = any(a <= chunk.end_token - 1 < b for a, b in chunk.piece_bounds(i))
-            first = NEXT_TOKEN if sampling is not None and has_last else None
+            first = token_after(chunk.end_token - 1) if sampling is not None and has_last \
+                else None
             out.append(PrefillResult(self.prefill_delay_s, first, "sampler" if first else None))
         return out
 
@@ -74,6 +140,10 @@ class FakePool:
         self.calls.append(f"move {request_id}")
         assert sampler_state == "sampler"
         await asyncio.sleep(self.transfer_delay_s)
+        ranks = sorted({m.source for m in moves} | set(dests))
+        errors = [f for r in ranks if (f := self._fault(r, ranks)) is not None]
+        if errors:
+            return errors
         for m in moves:
             assert self.kv[m.source].get(request_id, 0) >= m.tokens
         for g in {m.source for m in moves}:
@@ -83,15 +153,27 @@ class FakePool:
         return []
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
-                          ) -> dict[str, int]:
-        await asyncio.sleep(self.step_delay_s)
-        tokens = {}
+                          ) -> StepResult:
+        await asyncio.sleep(self.step_delay_s / 2)
+        for rank in entries_by_rank:
+            if rank in self.kill_in_decode:
+                self._steps[rank] = self._steps.get(rank, 0) + 1
+                if self._steps[rank] > self.kill_in_decode[rank]:
+                    del self.kill_in_decode[rank]
+                    self.kill(rank)
+        await asyncio.sleep(self.step_delay_s / 2)
+        tokens, failed = {}, {}
         for rank, entries in entries_by_rank.items():
+            peers = sorted({r for e in entries for r in e.ranks})
+            fault = self._fault(rank, peers)
+            if fault is not None:
+                failed[rank] = fault
+                continue
             for e in entries:
                 assert e.request_id in self.kv[rank], (rank, e.request_id)
                 if e.lead == rank:
-                    tokens[e.request_id] = NEXT_TOKEN
-        return tokens
+                    tokens[e.request_id] = token_after(e.position)
+        return StepResult(tokens, failed)
 
     def free(self, request_id: str, ranks: Sequence[int]) -> None:
         for r in ranks:

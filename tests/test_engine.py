@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.fake_pool import NEXT_TOKEN, FakePool, FakeTokenizer
+from tests.fake_pool import FakePool, FakeTokenizer, token_after
 from tests.helpers import linear_cost_model
 from tetris.runtime.engine import Engine, EngineOptions
 from tetris.runtime.engine_api import GenerationRequest, RequestStream, TokenEvent
 from tetris.runtime.engine_request import EngineError
 from tetris.runtime.metrics import ServingMetrics
+from tetris.runtime.recovery import MAX_REDOS
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
@@ -69,6 +70,11 @@ async def settled(engine: Engine, pool: FakePool) -> None:
     assert pool.held() == 0
 
 
+def expected(prompt: int, tokens: int) -> list[int]:
+    """The fake model's output for a `prompt`-token prompt."""
+    return [token_after(prompt - 1 + i) for i in range(tokens)]
+
+
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.002)
@@ -83,7 +89,7 @@ def test_requests_run_chunk_by_chunk_then_decode_and_leave_nothing_held() -> Non
         streams = {rid: await submit(engine, rid, n) for rid, n in sizes.items()}
         for rid, stream in streams.items():
             events = await drain(stream)
-            assert [t for e in events for t in e.token_ids] == [NEXT_TOKEN] * 4
+            assert [t for e in events for t in e.token_ids] == expected(sizes[rid], 4)
             assert events[-1].finish_reason == "length"
             chunks = stream.summary.chunks
             assert chunks[0].start_token == 0 and chunks[-1].end_token == sizes[rid]
@@ -145,13 +151,13 @@ def test_cancel_during_kv_transfer_and_during_decode_frees_everything() -> None:
     run(test, FakePool(transfer_delay_s=0.2, step_delay_s=0.02))
 
 
-def test_a_failing_chunk_fails_its_request_only() -> None:
-    """A rank dies in "bad"'s chunk: its stream raises EngineError naming the failure, the
-    group is free again, "good" completes, and nothing stays held."""
+def test_a_chunk_failing_every_time_fails_its_request_only() -> None:
+    """A live rank raises in every chunk of "bad": it is redone up to MAX_REDOS times, then its
+    stream raises EngineError saying so; "good" completes, and nothing stays held."""
     async def test(engine: Engine, pool: FakePool) -> None:
         bad = await submit(engine, "bad", 300)
         good = await submit(engine, "good", 300)
-        with pytest.raises(EngineError, match=r"rank \d died"):
+        with pytest.raises(EngineError, match=f"interrupted .* {MAX_REDOS + 1} times"):
             await drain(bad)
         assert (await drain(good))[-1].finish_reason == "length"
         await settled(engine, pool)

@@ -42,6 +42,13 @@ class WorkerPool:
     prefill_kv_tokens: int
     decode_kv_tokens: int
     groups: set[tuple[int, ...]] = field(default_factory=set)
+    # What it takes to make an actor again (`replace`): its class and each rank's config.
+    remote: Any = None
+    configs: list[WorkerConfig] = field(default_factory=list)
+    local: bool = True
+    # False from an instance's loss until every rank joined a new world (`reform`): groups
+    # that exist still work, new ones cannot be made (the lost rank cannot take part).
+    world_intact: bool = True
 
     @property
     def num_prefill(self) -> int:
@@ -59,7 +66,8 @@ class WorkerPool:
     def start(cls, ray: Any, model_dir: Path, prefill_instances: int, decode_instances: int,
               *, prefill_kv_tokens: int, decode_kv_tokens: int, device: str = "cpu",
               dtype: str = "float32", threads: int = 1, local: bool = True,
-              gpus_per_instance: float = 1.0) -> WorkerPool:
+              gpus_per_instance: float = 1.0,
+              collective_timeout_s: float = 600.0) -> WorkerPool:
         """Create and set up every actor (model loaded, world joined); `local`: the cluster is
         this machine, so the data plane stays on loopback. `gpus_per_instance` < 1 packs
         several instances on one GPU (tests, small models)."""
@@ -75,19 +83,47 @@ class WorkerPool:
                                 kv_tokens=prefill_kv_tokens if r < prefill_instances
                                 else decode_kv_tokens,
                                 threads=threads, device="cuda" if gpu else device,
-                                dtype=dtype)
+                                dtype=dtype, collective_timeout_s=collective_timeout_s)
                    for r in range(world)]
         first = remote.remote(configs[0])
         address, port = ray.get(first.rendezvous.remote(local), timeout=SETUP_TIMEOUT_S)
         actors = [first] + [remote.remote(c) for c in configs[1:]]
         pool = cls(actors[:prefill_instances], actors[prefill_instances:],
-                   prefill_kv_tokens, decode_kv_tokens)
+                   prefill_kv_tokens, decode_kv_tokens, remote=remote, configs=configs,
+                   local=local)
         try:
-            ray.get([a.setup.remote(address, port) for a in actors], timeout=SETUP_TIMEOUT_S)
+            # Every model loaded first: joining waits at most the collective timeout for the
+            # slowest rank, and loads on a busy host take longer than that.
+            ray.get([a.load.remote() for a in actors], timeout=SETUP_TIMEOUT_S)
+            ray.get(pool.reform(address, port), timeout=SETUP_TIMEOUT_S)
         except BaseException:
             pool.shutdown(ray)
             raise
         return pool
+
+    def can_group(self, ranks: tuple[int, ...]) -> bool:
+        """Whether work on `ranks` together may be sent now."""
+        return len(ranks) == 1 or self.world_intact or ranks in self.groups
+
+    def lost(self) -> None:
+        self.world_intact = False
+
+    def replace(self, ray: Any, rank: int) -> Any:
+        """A new actor for `rank` (the old one is dead); returns the ref of its model load
+        (it joins the world at the next `reform`)."""
+        ray.kill(self.actor(rank), no_restart=True)
+        actor = self.remote.remote(self.configs[rank])
+        if rank < self.num_prefill:
+            self.prefill[rank] = actor
+        else:
+            self.decode[rank - self.num_prefill] = actor
+        return actor.load.remote()
+
+    def reform(self, address: str, port: int) -> list[Any]:
+        """Every rank joins a new world at rank 0's `address:port` (refs to await; only while
+        no call is in flight on any rank); process groups are made anew on use."""
+        self.groups.clear()
+        return [a.join_world.remote(address, port) for a in self.all]
 
     def ensure_group(self, ranks: tuple[int, ...]) -> None:
         """Make the process group of `ranks` exist before any call that uses it is sent."""

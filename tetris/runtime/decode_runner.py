@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tetris.runtime.batch_attend import DecodeEntry
@@ -30,12 +30,19 @@ from tetris.solver.policy.ledger import Ledger
 log = logging.getLogger(__name__)
 
 
+# Called with a request whose transfer or step failed with these errors; False: fail it.
+OnFault = Callable[[EngineRequest, Sequence[BaseException]], bool]
+
+
 class DecodeRunner:
     def __init__(self, pool: InstancePool, ledger: Ledger, requests: LiveRequests,
-                 metrics: ServingMetrics, now: Callable[[], float]) -> None:
+                 metrics: ServingMetrics, now: Callable[[], float], on_fault: OnFault) -> None:
         self.pool, self.ledger, self.requests, self.metrics = pool, ledger, requests, metrics
         self.queue = requests.queue
         self.now = now
+        self.on_fault = on_fault
+        self.paused = False  # set by the engine while the data plane is re-formed
+        self.stepping = False
         self.active: list[EngineRequest] = []
         self.busy_s = [0.0] * pool.num_decode
         self.t0 = time.monotonic()
@@ -54,6 +61,13 @@ class DecodeRunner:
         if state in self.active:
             self.active.remove(state)
 
+    @property
+    def in_flight(self) -> bool:
+        return self.stepping or bool(self._transfers)
+
+    def wake(self) -> None:
+        self._work.set()
+
     def stop(self) -> None:
         self._stopped = True
         self._work.set()
@@ -65,16 +79,20 @@ class DecodeRunner:
         """Place queued requests while the head fits; each placement's bookkeeping is done at
         once (the next placement sees its room taken), its transfer runs as a task."""
         ledger, p = self.ledger, self.pool.num_prefill
-        while (placed := self.queue.place_head(ledger.decode_loads())) is not None:
+        while not self.paused and \
+                (placed := self.queue.place_head(ledger.decode_loads())) is not None:
             rid, placement = placed
             state = self.requests.by_id[rid]
             instances = tuple(sorted(placement.instances,
                                      key=lambda j: (ledger.decode_reserved[j], j)))
             dests = tuple(p + j for j in instances)
+            if not self.pool.can_group(dests):
+                return  # a decode group that cannot be made until the data plane is re-formed
             rooms = [self.pool.decode_kv_tokens - ledger.decode_reserved[j] for j in instances]
             try:
                 moves, reserve = plan_kv_moves(ledger.handoff[rid].kv_held, dests, rooms,
-                                               state.request.sampling.max_tokens - 1)
+                                               state.request.sampling.max_tokens
+                                               - len(state.output))
             except ValueError:
                 return  # the lead lacks room for the generated tokens yet: wait
             sources = tuple(sorted({m.source for m in moves}))
@@ -108,8 +126,12 @@ class DecodeRunner:
             return
         if errors:
             log.error("KV transfer of %r failed: %s", state.request_id, errors[0])
-            self.requests.failed(state, f"KV transfer of {state.request_id!r} failed: "
-                                 f"{errors[0]}")
+            if not self.on_fault(state, errors):
+                self.requests.failed(state, f"KV transfer of {state.request_id!r} failed: "
+                                     f"{errors[0]}")
+            return
+        if state.redo_pending:
+            self.on_fault(state, ())  # its KV was on an instance lost meanwhile
             return
         self.active.append(state)
         self._work.set()
@@ -117,7 +139,7 @@ class DecodeRunner:
     # -- continuous batching ----------------------------------------------------------------
     async def run(self) -> None:
         while not self._stopped:
-            if self.active:
+            if self.active and not self.paused:
                 await self._step()
             else:
                 await self._work.wait()
@@ -133,22 +155,27 @@ class DecodeRunner:
             for r in entry.ranks:
                 by_rank.setdefault(r, []).append(entry)
         started = time.monotonic()
+        self.stepping = True
         try:
-            tokens = await self.pool.decode_step(by_rank)
-        except Exception as err:
-            log.exception("decode step failed")
-            for s in batch:
-                self.forget(s)
-                if s.phase is not Phase.DONE:
-                    self.requests.failed(s, f"decode of {s.request_id!r} failed: {err}")
-            return
+            result = await self.pool.decode_step(by_rank)
+        finally:
+            self.stepping = False
         now = time.monotonic()
         self._account(by_rank, now - started)
         for s in batch:
             if s.phase is not Phase.DECODE:
-                continue  # it ended while the step ran (cancelled)
+                continue  # it ended while the step ran (cancelled), or is being redone
+            errors = [result.failed[r] for r in s.decode_ranks if r in result.failed]
+            if errors or s.redo_pending:
+                # Its step failed on some rank (the KV may be half-written): redo it.
+                if errors:
+                    log.error("decode step of %r failed: %s", s.request_id, errors[0])
+                self.forget(s)
+                if not self.on_fault(s, errors or ()):
+                    self.requests.failed(s, f"decode of {s.request_id!r} failed: {errors[0]}")
+                continue
             self.metrics.observe_inter_token(now - s.last_token_wall)
-            finish = s.add_tokens([tokens[s.request_id]])
+            finish = s.add_tokens([result.tokens[s.request_id]])
             if finish is not None:
                 self.forget(s)
                 self.requests.finished(s, finish)

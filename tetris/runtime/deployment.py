@@ -91,7 +91,8 @@ def start_workers(config: ServeConfig, model: ServedModel | None = None) -> Work
                             decode_kv_tokens=config.decode_kv_tokens, device=device,
                             dtype=config.dtype_on(device), threads=config.threads_per_instance,
                             local=config.ray_address in (None, "local"),
-                            gpus_per_instance=config.gpus_per_instance)
+                            gpus_per_instance=config.gpus_per_instance,
+                            collective_timeout_s=config.collective_timeout_s)
     return Workers(model, device, ray, pool)
 
 
@@ -123,7 +124,7 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
                             policy=config.policy_name, settings=config.policy, slo=config.slo)
     name = config.served_model_name or (config.model if embedded_model(config.model)
                                         else model_dir.name)
-    engine = Engine(RayInstances(workers.pool), tokenizer, name,
+    engine = Engine(RayInstances(workers.ray, workers.pool), tokenizer, name,
                     model.config.max_position_embeddings, model.config.vocab_size, cost_model,
                     options, metrics)
     return Deployment(config, model_dir, device, workers.ray, workers.pool, engine, metrics)

@@ -39,6 +39,7 @@ from tetris.runtime.engine_request import EngineRequest, Phase, Stream
 from tetris.runtime.instance_pool import InstancePool, PrefillResult
 from tetris.runtime.live_requests import LiveRequests
 from tetris.runtime.metrics import ServingMetrics
+from tetris.runtime.recovery import Recovery
 from tetris.solver.api import solve
 from tetris.solver.cost_model import CostModel
 from tetris.solver.plan_json import report_from_result
@@ -97,7 +98,9 @@ class Engine:
         self._wake = asyncio.Event()
         queue = DecodeQueue(pool.decode_kv_tokens, s.decode_max_batch, decode_sp)
         self.requests = LiveRequests(self.ledger, pool, queue, metrics, self._wake)
-        self.decode = DecodeRunner(pool, self.ledger, self.requests, metrics, self.now)
+        self.recovery = Recovery(self)
+        self.decode = DecodeRunner(pool, self.ledger, self.requests, metrics, self.now,
+                                   self.recovery.work_failed)
         self.last_decision: Decision | None = None
         self.t0 = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -105,6 +108,8 @@ class Engine:
         self.failure: str | None = None
         self.instances_lost = 0
         self.requests_recovered = 0
+        self.paused = False  # while every rank joins a new data plane (`recovery.py`)
+        self.chunks_in_flight = 0
 
     # -- EngineAPI --------------------------------------------------------------------------
     @property
@@ -176,6 +181,19 @@ class Engine:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def wake(self) -> None:
+        self._wake.set()
+        self.decode.wake()
+
+    async def drained(self) -> None:
+        """Wait until no call is in flight on any worker (new work is held by `paused`)."""
+        while self.chunks_in_flight or self.decode.in_flight:
+            await asyncio.sleep(0.01)
+
     async def start(self) -> None:
         # The planner and refiner threads run Python beside this loop; at the default 5 ms
         # GIL switch interval the loop waited up to 19 ms for the GIL while CP-SAT's model was
@@ -185,6 +203,8 @@ class Engine:
         self._running = True
         self._spawn(self._schedule_loop(), essential=True)
         self._spawn(self.decode.run(), essential=True)
+        self._spawn(self.recovery.watch(), essential=True)
+        self.recovery.update_gauges()
 
     async def stop(self) -> None:
         self._running = False
@@ -231,7 +251,7 @@ class Engine:
             self.decode.admit()
 
     async def _decide(self) -> None:
-        if self.ledger.nothing_to_decide(self.now()):
+        if self.paused or self.ledger.nothing_to_decide(self.now()):
             return
         view = self.ledger.view(self.now())
         decision = await asyncio.get_running_loop().run_in_executor(
@@ -240,8 +260,10 @@ class Engine:
             self.last_decision = decision
             self.metrics.observe_solver(decision.solver_s)
         for launch in decision.launches:
-            # The ledger may have moved on while the planner thought (a cancel, a chunk end).
-            if self.ledger.refusal(launch) is None:
+            # The ledger may have moved on while the planner thought (a cancel, a chunk end,
+            # an instance lost); after a loss only existing groups may be used until reform.
+            if self.ledger.refusal(launch) is None and not self.paused and \
+                    self.pool.can_group(launch.chunk.instances):
                 self._begin_chunk(launch)
 
     def _begin_chunk(self, launch: Launch) -> None:
@@ -253,10 +275,12 @@ class Engine:
         self.ledger.launch(launch, self.now(), planned)
         if state.phase is Phase.WAITING:
             state.phase = Phase.PREFILL
-            self.metrics.observe_queue_time(time.monotonic() - state.arrival_wall)
+            if not state.redos:
+                self.metrics.observe_queue_time(time.monotonic() - state.arrival_wall)
             self.requests.update_gauges()
-        ids = list(state.request.prompt_ids[c.start_token:c.end_token])
-        sampling = state.request.sampling if c.end_token == state.prompt_tokens else None
+        prefill_ids = state.prefill_ids
+        ids = list(prefill_ids[c.start_token:c.end_token])
+        sampling = state.request.sampling if c.end_token == len(prefill_ids) else None
         self.pool.ensure_group(c.instances)
         self._spawn(self._run_chunk(state, launch, ids, sampling))
 
@@ -264,7 +288,11 @@ class Engine:
                          sampling: Any) -> None:
         c = launch.chunk
         started = time.monotonic()
-        results = await self.pool.prefill(state.request_id, c, ids, sampling)
+        self.chunks_in_flight += 1
+        try:
+            results = await self.pool.prefill(state.request_id, c, ids, sampling)
+        finally:
+            self.chunks_in_flight -= 1
         seconds = time.monotonic() - started
         _, released = self.ledger.chunk_ended(state.request_id, seconds)
         self.requests.free(released)  # it was cancelled while the chunk ran
@@ -277,18 +305,26 @@ class Engine:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             log.error("prefill chunk of %r failed: %s", state.request_id, errors[0])
-            self.requests.failed(state, f"prefill of {state.request_id!r} failed: {errors[0]}")
+            if not self.recovery.work_failed(state, errors):
+                self.requests.failed(state, f"prefill of {state.request_id!r} failed: "
+                                     f"{errors[0]}")
+            return
+        if state.redo_pending:
+            self.recovery.redo(state)  # KV of it was on an instance lost meanwhile
             return
         self.metrics.count_chunk(c.sp)
         state.record_chunk(c.start_token, c.end_token, c.instances, seconds)
-        if c.end_token == state.prompt_tokens:
+        if c.end_token == len(state.prefill_ids):
             self._prefilled(state, [r for r in results if isinstance(r, PrefillResult)])
 
     def _prefilled(self, state: EngineRequest, results: list[PrefillResult]) -> None:
         first = next(r for r in results if r.first_token is not None)
         assert first.first_token is not None
         state.sampler_state = first.sampler_state
-        self.metrics.observe_ttft(time.monotonic() - state.arrival_wall)
+        if state.output:  # redone after a loss: this token continues its stream
+            self.metrics.observe_inter_token(time.monotonic() - state.last_token_wall)
+        else:
+            self.metrics.observe_ttft(time.monotonic() - state.arrival_wall)
         finish = state.add_tokens([first.first_token])
         if finish is not None:
             self.requests.finished(state, finish)

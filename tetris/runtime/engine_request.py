@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tetris.runtime.detokenize import Detokenizer
@@ -51,6 +51,11 @@ class EngineRequest:
     sampler_state: object | None = None
     decode_ranks: tuple[int, ...] = ()  # world ranks, lead first
     cancelled: bool = False
+    # Recovery (`recovery.py`): after its KV was lost the request is prefilled again, its
+    # prompt plus the tokens it already generated (`redo_ids`), and decode goes on from there.
+    redo_ids: list[int] | None = None
+    redos: int = 0
+    redo_pending: bool = False  # lost while its chunk or transfer was in flight
     events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)
 
     @property
@@ -60,6 +65,13 @@ class EngineRequest:
     @property
     def prompt_tokens(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def prefill_ids(self) -> Sequence[int]:
+        """The tokens its prefill computes KV for: the prompt, or after a redo the prompt and
+        the output so far (the last output token's KV too: the next token is sampled from
+        the prefill, not from a decode step)."""
+        return self.request.prompt_ids if self.redo_ids is None else self.redo_ids
 
     def add_tokens(self, token_ids: list[int]) -> FinishReason | None:
         """Record new output tokens and push their event; returns the finish reason when this

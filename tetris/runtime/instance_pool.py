@@ -28,6 +28,24 @@ class PrefillResult:
     logits: Any = None  # [vocab] tensor, when asked for (checks against a reference model)
 
 
+class InstanceLost(RuntimeError):
+    """The instance's process is gone (killed, out of memory, its node lost): what it held
+    is lost and it takes no calls until replaced."""
+
+    def __init__(self, rank: int, why: str = "") -> None:
+        super().__init__(f"instance rank {rank} is lost{': ' + why if why else ''}")
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A decode step: each request's new token from the ranks that answered, and the ranks
+    whose call failed (InstanceLost when the rank's process is gone)."""
+
+    tokens: dict[str, int]
+    failed: dict[int, BaseException]
+
+
 class InstancePool(Protocol):
     @property
     def num_prefill(self) -> int: ...
@@ -45,20 +63,36 @@ class InstancePool(Protocol):
     def ensure_group(self, ranks: tuple[int, ...]) -> None:
         """The process group of `ranks` exists before any call that uses it is made."""
 
+    def can_group(self, ranks: tuple[int, ...]) -> bool:
+        """Whether work on `ranks` together may be sent now (after a loss, only groups that
+        already exist may be used until `reform`)."""
+
+    def probe(self) -> list[int]:
+        """Ranks found lost since the last probe (cheap, never blocks)."""
+
+    async def replace(self, ranks: Sequence[int]) -> None:
+        """Start new instances for lost `ranks` (model loaded, KV cache empty); they serve
+        after the next `reform`."""
+
+    async def reform(self) -> None:
+        """Every rank joins a new data plane (only while no call is in flight anywhere)."""
+
     async def prefill(self, request_id: str, chunk: ChunkSpec, chunk_ids: Sequence[int],
                       sampling: SamplingParams | None) -> list[PrefillResult | BaseException]:
         """Every rank of `chunk.instances` runs its share; one answer per rank, in that order,
-        each awaited (a failing rank's peers may still be inside the chunk)."""
+        each awaited (a failing rank's peers may still be inside the chunk); InstanceLost for
+        a rank whose process is gone."""
 
     async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
                       reserve: Sequence[int], sampling: SamplingParams,
                       sampler_state: Any) -> list[BaseException]:
         """Send the prompt's KV from the moves' sources (which free it) to `dests` (ranks,
-        the lead first, each taking `reserve[i]` tokens of room); the errors, if any."""
+        the lead first, each taking `reserve[i]` tokens of room); the errors, if any
+        (InstanceLost for a rank whose process is gone)."""
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
-                          ) -> dict[str, int]:
-        """One continuous-batching step on every rank named; each request's new token."""
+                          ) -> StepResult:
+        """One continuous-batching step on every rank named."""
 
     def free(self, request_id: str, ranks: Sequence[int]) -> None:
         """Free the request's KV on `ranks` (no answer awaited; ordered after earlier calls)."""

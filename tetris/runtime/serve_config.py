@@ -48,6 +48,10 @@ class ServeConfig(BaseModel):
     threads_per_instance: int = Field(default=1, ge=1)
     gpus_per_instance: float = Field(default=1.0, gt=0, le=1, description="below 1 packs "
                                      "several instances on one GPU")
+    collective_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="how long "
+                                        "a rank waits in a collective for a peer before the "
+                                        "call fails (bounds how long a faulty instance holds "
+                                        "its peers; a dead one is seen at once)")
     kv_tokens_per_instance: int = Field(default=16384, ge=16)
     decode_kv_tokens_per_instance: int | None = Field(default=None, ge=16)
     max_queue: int = Field(default=64, ge=1, description="bound on the requests admitted and "

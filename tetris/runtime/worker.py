@@ -22,6 +22,7 @@ global order (no deadlock).
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from collections.abc import Sequence
@@ -34,9 +35,10 @@ import torch.distributed as dist
 
 from tetris.kernels.group import group_attention
 from tetris.models.kv_cache import KVCache, LocalAttend
-from tetris.models.llama import LlamaModel
+from tetris.models.llama import Attend, LlamaModel
 from tetris.runtime.batch_attend import BatchAttend, DecodeEntry
 from tetris.runtime.chunking import zigzag_positions
+from tetris.runtime.faults import Fault, FaultPoint, FaultyAttend
 from tetris.runtime.instance_pool import PrefillResult
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import Sampler, SamplingParams
@@ -52,6 +54,10 @@ class WorkerConfig:
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"  # of the weights and the KV cache
+    # How long a rank waits in a collective or transfer for a peer. A peer that died is seen
+    # at once (its sockets close); one that raised or hangs is seen only after this, so it
+    # bounds how long a fault can hold its peers.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -80,29 +86,64 @@ class InstanceWorker:
         self._cache: KVCache | None = None
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.samplers: dict[str, Sampler] = {}
+        self.faults: dict[FaultPoint, Fault] = {}
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        """Join the world (every instance calls this at once; rank 0 hosts the store at
-        `master_addr:master_port`) and load the model."""
+        """Load the model and join the world (every instance calls this at once; rank 0
+        hosts the store at `master_addr:master_port`)."""
+        self.load()
+        self.join_world(master_addr, master_port)
+        return {"rank": self.config.rank, "kv_tokens": self.config.kv_tokens,
+                "pid": os.getpid()}
+
+    def load(self) -> int:
+        """Load the model and make the empty KV cache (once); this process's id."""
         from tetris.models.weights import load_model
 
         c = self.config
         torch.set_num_threads(c.threads)
+        if self._model is None:
+            dtype = getattr(torch, c.dtype)
+            self._model = load_model(c.model_dir, dtype=dtype, device=c.device)
+            mc = self._model.config
+            self._cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype,
+                                  torch.device(c.device), c.kv_tokens)
+        return os.getpid()
+
+    def join_world(self, master_addr: str, master_port: int) -> None:
+        """(Re)join the world: after an instance was replaced every rank joins a new one
+        (torch cannot add a process to a world); the KV cache is kept, process groups are
+        made again on use."""
+        c = self.config
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.groups.clear()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if c.device == "cpu":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         backend = "nccl" if c.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, rank=c.rank, world_size=c.world_size)
-        dtype = getattr(torch, c.dtype)
-        self._model = load_model(c.model_dir, dtype=dtype, device=c.device)
-        mc = self._model.config
-        self._cache = KVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype,
-                              torch.device(c.device), c.kv_tokens)
-        return {"rank": c.rank, "kv_tokens": c.kv_tokens, "pid": os.getpid()}
+        dist.init_process_group(backend, rank=c.rank, world_size=c.world_size,
+                                timeout=self._timeout)
+
+    @property
+    def _timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.config.collective_timeout_s)
+
+    def ping(self) -> int:
+        return self.config.rank
+
+    def arm_fault(self, fault: Fault) -> None:
+        """`fault` fires in the next call of its kind (see `faults.py`)."""
+        self.faults[fault.point] = fault
+
+    def _attend(self, point: FaultPoint, attend: Attend) -> Attend:
+        fault = self.faults.pop(point, None)
+        return attend if fault is None else FaultyAttend(attend, fault)
 
     def create_group(self, ranks: tuple[int, ...]) -> None:
         """Called on every rank, in one order; non-members only keep the count in step."""
-        group = dist.new_group(list(ranks))
+        # torch gives a new group its own default timeout (30 min), not the world's.
+        group = dist.new_group(list(ranks), timeout=self._timeout)
         if self.config.rank in ranks:
             self.groups[ranks] = group
 
@@ -192,7 +233,7 @@ class InstanceWorker:
             attend = LocalAttend(self.cache, request_id)  # alone: no group, no collective
         else:
             attend = GroupAttend(self.cache, request_id, self._group(chunk.instances), strategy)
-        hidden = self.model(ids, positions, attend)
+        hidden = self.model(ids, positions, self._attend("prefill", attend))
         if want_logits and positions.numel() and int(positions[-1]) == chunk.end_token - 1:
             return self.model.logits(hidden[-1:])[0]
         return None
@@ -253,7 +294,7 @@ class InstanceWorker:
         ids = torch.tensor([e.token_id for e in mine], dtype=torch.int64, device=device)
         positions = torch.tensor([e.position for e in mine], dtype=torch.int64, device=device)
         attend = BatchAttend(self.cache, entries, self.config.rank, self.groups)
-        hidden = self.model(ids, positions, attend)
+        hidden = self.model(ids, positions, self._attend("decode", attend))
         if not mine:
             return {}
         logits = self.model.logits(hidden)
