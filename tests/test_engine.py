@@ -14,7 +14,12 @@ import pytest
 from tests.fake_pool import FakePool, FakeTokenizer, token_after
 from tests.helpers import linear_cost_model
 from tetris.runtime.engine import Engine, EngineOptions
-from tetris.runtime.engine_api import GenerationRequest, RequestStream, TokenEvent
+from tetris.runtime.engine_api import (
+    DeadlineExceeded,
+    GenerationRequest,
+    RequestStream,
+    TokenEvent,
+)
 from tetris.runtime.engine_request import EngineError
 from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.recovery import MAX_REDOS
@@ -28,7 +33,8 @@ SETTINGS = PolicySettings(block_tokens=64, decode_max_batch=8, decode_max_sp=1)
 
 
 def make_engine(pool: FakePool, policy: str = "tetris-greedy", lin: float = 1e-4,
-                settings: PolicySettings = SETTINGS) -> Engine:
+                settings: PolicySettings = SETTINGS,
+                request_timeout_s: float | None = None) -> Engine:
     """T(c, p, s) = lin·c/s on `pool`'s prefill instances; KV per instance as the pool's."""
     base = linear_cost_model(pool.num_prefill, lin=lin, kv_capacity=pool.prefill_kv_tokens)
     cluster = ClusterSpec(prefill_instances=pool.num_prefill, decode_instances=pool.num_decode,
@@ -36,7 +42,7 @@ def make_engine(pool: FakePool, policy: str = "tetris-greedy", lin: float = 1e-4
     cm = CostModel(base.model, base.hardware, cluster, base.coefficients)
     cm.kv_capacity_tokens = pool.prefill_kv_tokens
     options = EngineOptions(max_queue=32, policy=policy, settings=settings,
-                            slo=SloSpec(ttft_s=60.0))
+                            slo=SloSpec(ttft_s=60.0), request_timeout_s=request_timeout_s)
     return Engine(pool, FakeTokenizer(), "fake", 100_000, 1 << 20, cm, options,
                   ServingMetrics())
 
@@ -190,3 +196,41 @@ def test_cp_refinement_never_blocks_the_serving_loop() -> None:
         await settled(engine, pool)
     run(test, FakePool(prefill_delay_s=0.5), policy="tetris", lin=1e-3,
         settings=SETTINGS.model_copy(update={"time_limit_ms": 500.0, "quantum_s": None}))
+
+
+def gauge(engine: Engine, name: str) -> float:
+    body = engine.metrics.render()[0].decode()
+    return float(next(line.split()[-1] for line in body.splitlines()
+                      if line.startswith(name + " ")))
+
+
+def test_a_request_past_its_deadline_ends_with_an_error_and_frees_everything() -> None:
+    """Deadline 0.15 s, decode steps of 50 ms, 40 tokens asked: the stream yields some tokens,
+    then raises DeadlineExceeded naming the limit; the ledger and the workers hold nothing
+    and the running/waiting gauges are back to 0."""
+    async def test(engine: Engine, pool: FakePool) -> None:
+        stream = await submit(engine, "slow", 100, max_tokens=40)
+        seen = 0
+        with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.15 s"):
+            async for event in stream:
+                seen += len(event.token_ids)
+        assert 0 < seen < 40
+        await settled(engine, pool)
+        assert gauge(engine, "tetris:num_requests_running") == 0
+        assert gauge(engine, "tetris:num_requests_waiting") == 0
+    run(test, FakePool(step_delay_s=0.05), request_timeout_s=0.15)
+
+
+def test_gauges_follow_requests_to_their_end() -> None:
+    """Eight requests in flight show 8 running or waiting; once every stream ended both
+    gauges read 0 (they were once left stale after decode)."""
+    async def test(engine: Engine, pool: FakePool) -> None:
+        streams = [await submit(engine, f"r{i}", 200, max_tokens=6) for i in range(8)]
+        total = gauge(engine, "tetris:num_requests_running") + \
+            gauge(engine, "tetris:num_requests_waiting")
+        assert total == 8
+        for stream in streams:
+            await drain(stream)
+        assert gauge(engine, "tetris:num_requests_running") == 0
+        assert gauge(engine, "tetris:num_requests_waiting") == 0
+    run(test, FakePool(step_delay_s=0.01))

@@ -121,7 +121,8 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
     metrics = metrics or ServingMetrics()
     options = EngineOptions(max_queue=config.max_queue,
                             default_max_tokens=config.default_max_tokens,
-                            policy=config.policy_name, settings=config.policy, slo=config.slo)
+                            policy=config.policy_name, settings=config.policy, slo=config.slo,
+                            request_timeout_s=config.request_timeout_s)
     name = config.served_model_name or (config.model if embedded_model(config.model)
                                         else model_dir.name)
     engine = Engine(RayInstances(workers.ray, workers.pool), tokenizer, name,

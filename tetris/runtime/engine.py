@@ -73,6 +73,7 @@ class EngineOptions:
     policy: str = "tetris-greedy"  # a name of `tetris.solver.policy.registry.POLICIES`
     settings: PolicySettings = field(default_factory=PolicySettings)
     slo: SloSpec = field(default_factory=lambda: SloSpec(ttft_scale=5.0))
+    request_timeout_s: float | None = None  # from arrival to the last token; None: no limit
 
 
 class Engine:
@@ -153,6 +154,9 @@ class Engine:
             eos_ids=self.tokenizer.eos_ids, summary=RequestSummary(prompt))
         self.ledger.arrive(state.request_id, state.arrival_s, prompt, state.ttft_slo_s)
         self.requests.add(state)
+        if self.options.request_timeout_s is not None:
+            state.deadline = asyncio.get_running_loop().call_later(
+                self.options.request_timeout_s, self._expire, state)
         self._wake.set()
         return Stream(state, self.cancel)
 
@@ -163,6 +167,14 @@ class Engine:
             return
         self.decode.forget(state)
         self.requests.cancelled(state)
+
+    def _expire(self, state: EngineRequest) -> None:
+        if state.phase is Phase.DONE or state.cancelled:
+            return
+        self.decode.forget(state)
+        self.requests.failed(state, f"the request ran past the server's deadline of "
+                             f"{self.options.request_timeout_s:g} s (request_timeout_s) and "
+                             f"was stopped after {len(state.output)} tokens", timed_out=True)
 
     def live_plan(self) -> dict[str, Any]:
         """The plan of the latest decision, times relative to it; `decided_s_ago` says when."""

@@ -29,6 +29,11 @@ class RequestRejected(ValueError):
         self.param = param
 
 
+class DeadlineExceeded(RuntimeError):
+    """Raised by a request's stream when it ran past the server's deadline (HTTP 504); the
+    tokens streamed before it stand."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tetris.runtime.detokenize import Detokenizer
 from tetris.runtime.engine_api import (
     ChunkRun,
+    DeadlineExceeded,
     FinishReason,
     GenerationRequest,
     RequestSummary,
@@ -56,7 +57,8 @@ class EngineRequest:
     redo_ids: list[int] | None = None
     redos: int = 0
     redo_pending: bool = False  # lost while its chunk or transfer was in flight
-    events: asyncio.Queue[TokenEvent | EngineError] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[TokenEvent | Exception] = field(default_factory=asyncio.Queue)
+    deadline: asyncio.TimerHandle | None = None
 
     @property
     def request_id(self) -> str:
@@ -98,10 +100,11 @@ class EngineRequest:
             self.phase = Phase.DONE
             self.events.put_nowait(TokenEvent((), "", reason))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, *, timed_out: bool = False) -> None:
         if self.phase is not Phase.DONE:
             self.phase = Phase.DONE
-            self.events.put_nowait(EngineError(message))
+            error = DeadlineExceeded(message) if timed_out else EngineError(message)
+            self.events.put_nowait(error)
 
     def record_chunk(self, start: int, end: int, instances: tuple[int, ...],
                      seconds: float) -> None:
@@ -122,7 +125,7 @@ class Stream:
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while True:
             event = await self.state.events.get()
-            if isinstance(event, EngineError):
+            if isinstance(event, Exception):
                 raise event
             yield event
             if event.finish_reason is not None:

@@ -51,6 +51,8 @@ class LiveRequests:
             self.pool.free(released.request_id, [p + j for j in released.decode_instances])
 
     def _end(self, state: EngineRequest) -> None:
+        if state.deadline is not None:
+            state.deadline.cancel()
         self.queue.remove(state.request_id)
         self.free(self.ledger.release(state.request_id))
         self.by_id.pop(state.request_id, None)
@@ -65,10 +67,11 @@ class LiveRequests:
         self.metrics.count_tokens(state.prompt_tokens, len(state.output))
         self.metrics.request_finished(reason)
 
-    def failed(self, state: EngineRequest, message: str) -> None:
-        """A worker or the planner failed it: its client sees `message`."""
+    def failed(self, state: EngineRequest, message: str, *, timed_out: bool = False) -> None:
+        """A worker or the planner failed it, or it ran past its deadline: its client sees
+        `message`."""
         self._end(state)
-        state.fail(message)
+        state.fail(message, timed_out=timed_out)
 
     def cancelled(self, state: EngineRequest) -> None:
         """Its client went away."""

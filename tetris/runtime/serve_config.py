@@ -56,6 +56,9 @@ class ServeConfig(BaseModel):
     decode_kv_tokens_per_instance: int | None = Field(default=None, ge=16)
     max_queue: int = Field(default=64, ge=1, description="bound on the requests admitted and "
                            "not finished (waiting, prefilling or decoding); beyond it 429")
+    request_timeout_s: float | None = Field(default=None, gt=0, description="a request not "
+                                            "done this long after it arrived is stopped with "
+                                            "an error (504; tokens streamed stand)")
     default_max_tokens: int = Field(default=1024, ge=1, description="a chat request naming "
                                     "no max_tokens gets at most this many (its final KV is "
                                     "reserved when it reaches decode)")
