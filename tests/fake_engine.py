@@ -2,22 +2,27 @@
 
 It streams one token per event (yielding to the loop between tokens), honours max_tokens and stop
 strings the way the real engine must (text held back while it could still become a stop
-string), reports to a `ServingMetrics` like the real engine, and can be told to fail.
+string), admits requests with the real engine's own checks (`runtime/admission.py`), reports to a
+`ServingMetrics` like the real engine, and can be told to fail. Its vocabulary is the Unicode
+code points; a surrogate id decodes to U+FFFD, as a real detokenizer renders a broken byte run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from tetris.runtime.admission import Limits, check_request
 from tetris.runtime.engine_api import (
     ChunkRun,
+    EngineHealth,
     FinishReason,
     GenerationRequest,
     QueueFull,
-    RequestRejected,
     RequestSummary,
     TokenEvent,
 )
@@ -80,7 +85,7 @@ class FakeStream:
             if self.cancelled:
                 return
             if engine.fail_after is not None and i >= engine.fail_after:
-                raise RuntimeError("fake engine: device lost")
+                raise engine.failure
             now = time.perf_counter()
             if i == 0:
                 metrics.observe_ttft(now - self.arrival)
@@ -89,7 +94,7 @@ class FakeStream:
             last = now
             self.summary.completion_tokens += 1
             self.summary.token_ids.append(token)
-            pending += chr(token)
+            pending += "\ufffd" if 0xD800 <= token < 0xE000 else chr(token)
             full = emitted + pending
             hits = [full.find(s) for s in sampling.stop if s in full]
             finish: FinishReason | None = None
@@ -118,9 +123,16 @@ class FakeStream:
         metrics.set_requests(self.engine.running, 0)
 
 
+VOCAB_SIZE = 0x110000
+MAX_TOKEN_CHARS = 1  # one character a token
+
+
 class FakeEngine:
-    """Knobs: `is_serving`, `queue_full`, `fail_after` (tokens before the stream raises),
-    `token_delay_s`. Records `submitted` requests, their `streams` and `cancels` (request ids)."""
+    """Knobs: `is_serving`, `engine_health` (what health() reports while serving), `max_queue`
+    (queue_room is what it leaves), `queue_full` (submit raises QueueFull whatever the room),
+    `fail_after` (tokens before the stream raises `failure`), `token_delay_s`, `encode_gate`
+    (encode waits until it is set; `encode_entered` is set once one waits). Records `submitted`
+    requests, their `streams`, `cancels` (request ids) and `encoded` (texts it tokenized)."""
 
     def __init__(self, metrics: ServingMetrics, *, context_tokens: int = 256) -> None:
         self.model_name = "fake-model"
@@ -128,9 +140,17 @@ class FakeEngine:
         self.default_max_tokens = context_tokens
         self.metrics = metrics
         self.is_serving = True
+        self.engine_health = EngineHealth("ok", 2, 2, 1, 1)
+        self.max_queue = 8
         self.queue_full = False
         self.fail_after: int | None = None
+        self.failure: Exception = RuntimeError("fake engine: device lost")
         self.token_delay_s = 0.0
+        self.encode_gate: threading.Event | None = None
+        self.encode_entered = threading.Event()
+        self.encoded: list[str] = []
+        self.limits = Limits(context_tokens, VOCAB_SIZE, prefill_kv_tokens=context_tokens,
+                             prefill_group=1, decode_kv_tokens=context_tokens, decode_max_sp=1)
         self.running = 0
         self.submitted: list[GenerationRequest] = []
         self.streams: list[FakeStream] = []
@@ -140,21 +160,29 @@ class FakeEngine:
     def serving(self) -> bool:
         return self.is_serving
 
+    def health(self) -> EngineHealth:
+        if not self.is_serving:
+            return dataclasses.replace(self.engine_health, status="unavailable")
+        return self.engine_health
+
+    @property
+    def queue_room(self) -> int:
+        return max(self.max_queue - self.running, 0)
+
     def encode(self, text: str) -> list[int]:
+        if self.encode_gate is not None:
+            self.encode_entered.set()
+            self.encode_gate.wait(timeout=10)
+        self.encoded.append(text)
         return [ord(c) for c in text]
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.encode("\n".join(f"{m['role']}: {m['content']}" for m in messages))
 
     async def submit(self, request: GenerationRequest) -> FakeStream:
-        if self.queue_full:
-            raise QueueFull("the waiting queue is full (8 requests)")
-        needed = len(request.prompt_ids) + request.sampling.max_tokens
-        if needed > self.context_tokens:
-            raise RequestRejected(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
-                f"({request.sampling.max_tokens}) exceeds the context of {self.context_tokens} "
-                "tokens", param="max_tokens")
+        check_request(self.limits, request.prompt_ids, request.sampling.max_tokens)
+        if self.queue_full or self.running >= self.max_queue:
+            raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
         self.submitted.append(request)
         stream = FakeStream(self, request)
         self.streams.append(stream)

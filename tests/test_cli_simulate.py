@@ -76,9 +76,31 @@ def test_simulate_bad_inputs_exit_2_with_one_line(
     bad.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n'
                    '{"timestamp": 5, "input_length": -3, "output_length": 2, "hash_ids": []}\n')
     assert ":2:" in run_bad(capsys, "simulate", "--trace", f"mooncake:{bad}")
-    assert "static_sp" in run_bad(capsys, "simulate", "--trace", TRACE, "--prefill-instances",
-                                  "2", "--static-sp", "4")
+    line = run_bad(capsys, "simulate", "--trace", TRACE, "--policy", "static-sp",
+                   "--prefill-instances", "2", "--static-sp", "4")
+    assert line == ("tetris: error: --policy static-sp: static_sp (4) exceeds the 2 prefill "
+                    "instances\n")
     assert "--gantt" in run_bad(capsys, "simulate", "--trace", TRACE, "--gantt", "x.pdf")
+
+
+@pytest.mark.parametrize("command", ["simulate", "whatif"])
+def test_settings_of_a_policy_not_run_are_not_checked(
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """static_sp (default 4) does not have to fit 2 prefill instances unless static-sp runs."""
+    extra = ["--no-search", "--rates", "2"] if command == "whatif" else []
+    out = run_json(capsys, command, "--trace", TRACE, "--policy", "tetris-greedy",
+                   "--model", "llama3-8b", "--prefill-instances", "2", "--decode-instances",
+                   "2", *extra)
+    assert out["cluster"]["prefill_instances"] == 2
+
+
+def test_whatif_sweep_checks_each_policy_at_each_point(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A swept cluster too small for a policy's own setting fails before any simulation."""
+    line = run_bad(capsys, "whatif", "--trace", TRACE, "--policy", "static-sp", "--no-search",
+                   "--rates", "1", "--sweep", "prefill_instances=2,4")
+    assert "static_sp (4) exceeds the 2 prefill instances" in line
+    assert "Value error" not in line and '{"prefill_instances": 2}' in line
 
 
 def test_whatif_json_contract_and_at_rate_of(capsys: pytest.CaptureFixture[str]) -> None:

@@ -192,6 +192,17 @@ def test_refuses_requests_that_can_never_fit() -> None:
         simulate_disaggregated([req("big", 500)], greedy(cm))
 
 
+def test_refuses_up_front_what_a_baselines_fixed_group_cannot_hold() -> None:
+    """KV of 100 tokens per instance on 4: 300 tokens fit a CDSP group of 4, but not
+    distserve's or static-sp's group of 2, which refuse the request before running."""
+    cm = cost_model(4, 4, kv_capacity=100)  # decode KV may spread over the 4 decode ones
+    assert simulate_disaggregated([req("ok", 300)], greedy(cm)).records
+    for policy in (DistServePolicy("distserve", cm, PolicySettings(distserve_group=2)),
+                   StaticSpPolicy("static-sp", cm, PolicySettings(static_sp=2))):
+        with pytest.raises(ValueError, match=r"request 'ok'.* 2 prefill instance"):
+            simulate_disaggregated([req("ok", 300)], policy)
+
+
 def test_noise_is_deterministic_for_a_seed() -> None:
     """Same seed, same records; another seed, other times."""
     cm = cost_model(4, decode=2)

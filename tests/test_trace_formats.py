@@ -85,7 +85,7 @@ def test_load_mooncake_unsorted_is_sorted_with_note(tmp_path: Path) -> None:
      "missing field 'output_length'"),
     ('{"timestamp": 1.5, "input_length": 5, "output_length": 1}\n', 1, "timestamp must be"),
     ('{"timestamp": 0, "input_length": true, "output_length": 1}\n', 1, "input_length"),
-    (mooncake_line(0, 5, 1) + "{not json\n", 2, "not JSON"),
+    (mooncake_line(0, 5, 1) + "{not json\n", 2, "not valid JSON"),
     ("[1, 2]\n", 1, "JSON object"),
     (mooncake_line(0, 5, 1) + "\n" + mooncake_line(0, 5, 1), 2, "blank line"),
 ])

@@ -9,7 +9,8 @@ from typing import Any
 
 from rich.progress import Progress
 
-from tetris.cli.arg_types import comma_list, positive_float, positive_int
+from tetris.cli.arg_types import comma_list, int_in, positive_at_most, positive_int
+from tetris.cli.spec_files import MAX_TIME_LIMIT_MS
 from tetris.evaluation.solver_bench import BenchConfig, run_bench
 
 
@@ -18,14 +19,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     solver = kinds.add_parser("solver", help="planner latency and quality on random problems")
     defaults = BenchConfig()
-    counts = comma_list(positive_int)
+    # Bounded: each problem holds per-instance and per-request tables (10^9 is a MemoryError).
+    counts = comma_list(int_in(1, 4096))
     solver.add_argument("--instances", type=counts, default=list(defaults.instances),
                         help="prefill instance counts (default 8,16,32)")
     solver.add_argument("--requests", type=counts, default=list(defaults.requests),
                         help="pending request counts (default 4,16,32)")
     solver.add_argument("--seeds", type=positive_int, default=defaults.seeds,
                         help="random problems per cell (default %(default)s)")
-    solver.add_argument("--cp-time-limits-ms", type=comma_list(positive_float),
+    solver.add_argument("--cp-time-limits-ms", type=comma_list(positive_at_most(MAX_TIME_LIMIT_MS)),
                         default=list(defaults.cp_time_limits_ms),
                         help="CP-SAT time limits to compare (default 50,200,1000)")
     solver.add_argument("--milp-max-requests", type=int, default=defaults.milp_max_requests,

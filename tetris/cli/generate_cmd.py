@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tetris.cli.arg_types import nonnegative_float, positive_float, positive_int
+from tetris.cli.arg_types import int_in, nonnegative_float, positive_float, positive_int
 from tetris.cli.errors import UsageError, for_option
+from tetris.solver.input_files import read_text
+
+#: Most ranks (local processes, prefill and decode together) one generate call starts.
+MAX_LOCAL_RANKS = 64
 
 EXAMPLE = """example:
   tetris generate --model smollm2 --prompt-file essay.txt --chunks 512:1,1024:2,rest:4 \\
@@ -34,13 +38,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--chunks", default="rest:1", metavar="TOKENS:SP,...",
                    help="chunk plan, e.g. 512:1,1024:2,rest:4 (default rest:1)")
-    p.add_argument("--decode-sp", type=positive_int, default=1,
+    p.add_argument("--decode-sp", type=int_in(1, MAX_LOCAL_RANKS - 1), default=1,
                    help="decode ranks holding the KV during decode: separate processes from "
                    "the prefill ranks, as in the daemon (default 1)")
     p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0)
     p.add_argument("--top-p", type=positive_float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1))  # what torch's generator takes
     p.add_argument("--strategy", choices=("auto", "gather_kv", "pass_q"), default="auto",
                    help="how SP ranks share attention (default: by communication volume)")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -64,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
     except (FetchError, OSError) as err:
         return fetch_failed(err)
     if args.prompt_file is not None:
-        try:
-            text = args.prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"--prompt-file: cannot read {args.prompt_file}: {err}") from None
+        text = for_option("--prompt-file", read_text, args.prompt_file)
     else:
         text = args.prompt
     if not text.strip():
@@ -83,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
                          f"exceeds the model's context of {config.max_position_embeddings}")
     chunks = for_option("--chunks", parse_chunks, args.chunks, len(prompt_ids))
     prefill_ranks = max(c.sp for c in chunks)
+    if prefill_ranks + args.decode_sp > MAX_LOCAL_RANKS:
+        # Each rank is a process on this machine: refuse before starting hundreds of them.
+        raise UsageError(f"--chunks/--decode-sp: {prefill_ranks} prefill + {args.decode_sp} "
+                         f"decode ranks exceed the {MAX_LOCAL_RANKS} local processes "
+                         "`tetris generate` starts at most")
     spec = model_spec_of(config)
     for_option("--chunks", check_plan, spec, len(prompt_ids), chunks, prefill_ranks)
     sampling = for_option("--temperature", SamplingParams, args.temperature, args.top_p,

@@ -5,8 +5,9 @@ with `parser.set_defaults(handler=fn)`, where `fn(args) -> int` returns the exit
 module's `register` to `REGISTRARS` to ship it.
 
 Bad user input anywhere exits with status 2 and one line on stderr, `tetris: error: <message>`:
-argparse's own errors through `CliParser.error`, and ValueError / pydantic ValidationError raised
-while a handler reads its options through `main`.
+argparse's own errors through `CliParser.error`, and ValueError / pydantic ValidationError (and
+OSError: a file named on the command line that cannot be opened) raised while a handler runs
+through `main`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # A file the user named that cannot be opened or written (a directory, a missing
+        # parent, no permission): their input, reported like any other bad input.
+        print_error(one_line(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,30 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tetris.cli.arg_types import (
+    MAX_SECONDS,
+    MIN_SECONDS,
+    bounded_float,
     comma_list,
-    nonnegative_float,
     number,
-    positive_float,
+    positive_at_most,
     positive_int,
+    seconds,
 )
-from tetris.cli.errors import UsageError, for_option, one_line
+from tetris.cli.errors import UsageError, check_output_path, for_option, one_line
 from tetris.cli.plan_output import PLAN_PATH, fetch_plan, show
+from tetris.cli.spec_files import MAX_TIME_LIMIT_MS, hardware_option, model_option
 from tetris.solver.api import PLANNERS
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
-from tetris.solver.hardware import load_hardware
-from tetris.solver.model_spec import ModelSpec, load_model_spec
+from tetris.solver.input_files import InputFileError, json_type, parse_json, read_text
+from tetris.solver.model_spec import ModelSpec
 from tetris.solver.plan_json import report_from_result
 from tetris.solver.problem import DEFAULT_BLOCK_TOKENS, PendingRequest, Problem
 from tetris.solver.slo import SloSpec
 
 SOLVERS = tuple(PLANNERS)
+#: Largest λ (seconds of TTFT per GPU-second): beyond it the solvers' objectives overflow.
+MAX_GPU_COST_WEIGHT = 1e9
 GANTT_SUFFIXES = (".png", ".svg")
 DEFAULT_TTFT_SLO_SCALE = 5.0
 
@@ -46,7 +51,7 @@ EXAMPLE = """examples:
 
 
 
-_availability = comma_list(nonnegative_float)
+_availability = comma_list(bounded_float(0.0, MAX_SECONDS))
 MAX_INSTANCES = 4096
 
 
@@ -67,6 +72,9 @@ def _request_spec(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(
             f"expected TOKENS[@ARRIVAL_S], e.g. 8192@0.5, got {text!r}"
         ) from None
+    if abs(arrival) > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"ARRIVAL_S must be within ±{MAX_SECONDS:g} s, got "
+                                         f"{arrival_text}")
     return tokens, arrival
 
 
@@ -115,23 +123,24 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "solving; cluster and solver options do not apply, --gpus-per-node only draws nodes",
     )
     slo = g.add_mutually_exclusive_group()
-    slo.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
+    slo.add_argument("--ttft-slo", type=seconds, metavar="SECONDS",
                      help="absolute TTFT SLO for every request")
     slo.add_argument(
-        "--ttft-slo-scale", type=positive_float, metavar="X",
+        "--ttft-slo-scale", type=bounded_float(MIN_SECONDS, MAX_SECONDS), metavar="X",
         help="TTFT SLO = X × the request's isolated best-case TTFT "
         f"(default {DEFAULT_TTFT_SLO_SCALE:g})",
     )
     g = p.add_argument_group("solver")
     g.add_argument("--solver", choices=SOLVERS, default="cp", help="planner")
-    g.add_argument("--time-limit-ms", type=positive_float, metavar="MS",
+    g.add_argument("--time-limit-ms", type=positive_at_most(MAX_TIME_LIMIT_MS), metavar="MS",
                    help="wall-clock limit (default: the solver's own)")
     g.add_argument("--max-chunks", type=positive_int, metavar="K",
                    help="chunks per request at most (1: one SP size per request)")
     g.add_argument("--max-sp", type=positive_int, metavar="S", help="SP size of any chunk at most")
     g.add_argument("--block-tokens", type=positive_int, default=DEFAULT_BLOCK_TOKENS,
                    metavar="B", help="chunk boundaries are multiples of B tokens")
-    g.add_argument("--gpu-cost-weight", type=nonnegative_float, default=0.0, metavar="λ",
+    g.add_argument("--gpu-cost-weight", type=bounded_float(0.0, MAX_GPU_COST_WEIGHT),
+                   default=0.0, metavar="λ",
                    help="objective price of a GPU-second, in seconds of TTFT")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("table", "json"), default="table",
@@ -147,9 +156,9 @@ class RequestLine(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt_tokens: int = Field(strict=True, gt=0)
-    arrival_s: float = 0.0
+    arrival_s: float = Field(default=0.0, ge=-MAX_SECONDS, le=MAX_SECONDS)
     request_id: str | None = Field(default=None, min_length=1)
-    ttft_slo_s: float | None = Field(default=None, gt=0)
+    ttft_slo_s: float | None = Field(default=None, ge=MIN_SECONDS, le=MAX_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -166,10 +175,8 @@ def requests_from_options(specs: list[tuple[int, float]]) -> list[RequestIn]:
 
 
 def requests_from_file(path: Path) -> list[RequestIn]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--requests: cannot read {path}: {one_line(err)}") from None
+    # utf-8-sig: tolerate a byte-order mark. Errors name the file and the line of a bad byte.
+    text = for_option("--requests", read_text, path, InputFileError, "utf-8-sig")
     out: list[RequestIn] = []
     # Only "\n" ends a JSONL line: splitlines() would also split inside strings at U+2028 etc.
     lines = [(n, raw.rstrip("\r")) for n, raw in enumerate(text.split("\n"), start=1)]
@@ -177,12 +184,9 @@ def requests_from_file(path: Path) -> list[RequestIn]:
         if not raw.strip():
             continue
         where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+        obj = for_option("--requests", parse_json, raw, path, line_no)
         if not isinstance(obj, dict):
-            raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            raise UsageError(f"{where}: expected a JSON object, got {json_type(obj)}")
         try:
             line = RequestLine.model_validate(obj)
         except ValidationError as err:
@@ -243,8 +247,8 @@ def pending_requests(
 # -- the command -------------------------------------------------------------------------------
 def build_problem(args: argparse.Namespace) -> Problem:
     """Every option checked, every error a UsageError naming its option, file line or request."""
-    model = for_option("--model", load_model_spec, args.model)
-    hardware = for_option("--hardware", load_hardware, args.hardware)
+    model = model_option(args.model)
+    hardware = hardware_option(args.hardware)
     n = args.prefill_instances
     cluster = ClusterSpec(prefill_instances=n, gpus_per_node=args.gpus_per_node)
     availability = args.availability or [0.0] * n
@@ -279,9 +283,8 @@ def run(args: argparse.Namespace) -> int:
     gantt: Path | None = args.gantt
     if gantt is not None and gantt.suffix.lower() not in GANTT_SUFFIXES:
         raise UsageError(f"--gantt: {gantt} must end in .png or .svg")
-    if gantt is not None and not gantt.parent.is_dir():
-        # Checked before solving, so a typo does not cost a long MILP run.
-        raise UsageError(f"--gantt: directory {gantt.parent} does not exist")
+    # Checked before solving, so a typo does not cost a long MILP run.
+    check_output_path(gantt, "--gantt")
     if args.from_server is not None:
         base, report = fetch_plan(args.from_server)
         return show(report, args, f"live plan of {base}", args.gpus_per_node)

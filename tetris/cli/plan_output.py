@@ -10,11 +10,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from tetris.cli.errors import UsageError, one_line
 from tetris.solver.plan import SolveStatus
-from tetris.solver.plan_json import PlanReport
+from tetris.solver.plan_json import PlanReport, parse_plan_report
 
 PLAN_PATH = "/v1/tetris/plan"
 FETCH_TIMEOUT_S = 10.0
@@ -39,7 +37,8 @@ def show(report: PlanReport, args: argparse.Namespace, setting: str, gpus_per_no
         try:
             draw_gantt(report, gantt, title, gpus_per_node=gpus_per_node)
         except OSError as err:
-            raise UsageError(f"--gantt: cannot write {gantt}: {one_line(err)}") from None
+            raise UsageError(f"--gantt: cannot write {gantt}: {err.strerror or one_line(err)}"
+                             ) from None
         if args.format != "json":
             print(f"Gantt chart written to {gantt}")
     return 0
@@ -63,10 +62,9 @@ def fetch_plan(server: str, timeout_s: float = FETCH_TIMEOUT_S) -> tuple[str, Pl
     except (OSError, http.client.HTTPException, ValueError) as err:
         raise UsageError(f"--from-server: cannot reach {url}: {_reason_text(err)}") from None
     try:
-        return base, PlanReport.model_validate_json(body)
-    except ValidationError as err:
-        raise UsageError(f"--from-server: {url} did not return a plan: {one_line(err)}"
-                         ) from None
+        return base, parse_plan_report(body, f"{url} did not return a plan")
+    except ValueError as err:
+        raise UsageError(f"--from-server: {one_line(err)}") from None
 
 
 def _reason_text(reason: object) -> str:

@@ -4,11 +4,16 @@ JSON `--config` file (flags given on the command line win over the file)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from tetris.cli.errors import UsageError, for_option
+from tetris.cli.spec_files import (
+    calibration_option,
+    check_limits,
+    config_file,
+    hardware_option,
+    validated,
+)
 from tetris.runtime.serve_config import ServeConfig
 
 # flag dest -> ServeConfig field
@@ -18,6 +23,7 @@ FLAGS = {
     "decode_instances": "decode_instances", "device": "device",
     "kv_tokens": "kv_tokens_per_instance", "max_queue": "max_queue",
     "solver": "solver", "calibration": "calibration", "hardware": "hardware",
+    "request_timeout_s": "request_timeout_s", "collective_timeout_s": "collective_timeout_s",
 }
 
 
@@ -34,6 +40,8 @@ def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
     g.add_argument("--kv-tokens", type=int, help="KV cache tokens per instance")
     g.add_argument("--hardware", help="GPU preset or HardwareSpec JSON (GPU only)")
     g.add_argument("--calibration", help="calibration JSON from `tetris profile`")
+    g.add_argument("--collective-timeout-s", type=float, help="how long a rank waits for a "
+                   "peer in a collective before the call fails (default 10)")
     if serving:
         g.add_argument("--served-model-name", help="the model name clients send")
         g.add_argument("--host", help="default 127.0.0.1")
@@ -41,19 +49,27 @@ def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
         g.add_argument("--max-queue", type=int,
                        help="bound on admitted, unfinished requests; beyond it 429")
         g.add_argument("--solver", choices=["greedy", "cp", "milp"])
+        g.add_argument("--request-timeout-s", type=float, help="stop a request not done this "
+                       "long after it arrived (504; default: no limit)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The deployment's settings, every file they name read and checked before anything starts
+    (a bad --calibration must not surface only once Ray and the workers are up)."""
     data: dict[str, Any] = {}
     if args.config is not None:
-        try:
-            data = json.loads(args.config.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UsageError(f"--config {args.config}: {err}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {args.config}: expected a JSON object")
+        data = config_file(args.config)
     for dest, name in FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
             data[name] = value
-    return for_option("--config/flags", ServeConfig.model_validate, data)
+    option = "--config/flags" if args.config is not None else "flags"
+    config = validated(option, args.config, ServeConfig, data)
+    check_limits(config.policy, f"--config {args.config}" if args.config is not None
+                 else option)
+    file = f"--config {args.config}: " if args.config is not None else "--"
+    calibration_option(config.calibration, "--calibration" if args.calibration is not None
+                       else f"{file}calibration")
+    hardware_option(config.hardware, "--hardware" if args.hardware is not None
+                    else f"{file}hardware")
+    return config

@@ -7,15 +7,26 @@ any flag given; flags default to None so that "not given" is distinguishable fro
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tetris.cli.arg_types import nonnegative_float, positive_float, positive_int
+from tetris.cli.arg_types import nonnegative_float, nonnegative_int, positive_float, positive_int
 from tetris.cli.errors import UsageError, for_option
+from tetris.cli.spec_files import (
+    calibration_option,
+    check_limits,
+    config_file,
+    hardware_option,
+    model_option,
+    validated,
+)
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload import Workload
 from tetris.evaluation.workload_spec import load_workload
+from tetris.solver.input_files import json_type
+
+if TYPE_CHECKING:
+    from tetris.simulator.failures import FailureSpec
 
 # flag dest -> SimConfig field ("policy.x": field x of its PolicySettings)
 CONFIG_FLAGS = {
@@ -52,7 +63,7 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-spread-buckets", action="store_true",
                    help="keep Mooncake's 3 s timestamp buckets as batches (default: spread "
                         "arrivals uniformly inside each bucket)")
-    g.add_argument("--trace-seed", type=int, default=0, metavar="N",
+    g.add_argument("--trace-seed", type=nonnegative_int, default=0, metavar="N",
                    help="seed for bucket spreading and synthetic workloads (default 0)")
 
 
@@ -98,15 +109,12 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     data: dict[str, Any] = {}
     if args.config is not None:
-        try:
-            loaded = json.loads(args.config.read_text())
-        except OSError as err:
-            raise UsageError(f"--config: cannot read {args.config}: {err.strerror}") from None
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--config: {args.config} is not valid JSON: {err}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"--config: {args.config} must hold a JSON object")
-        data.update(loaded)
+        data.update(config_file(args.config))
+    where = f"--config {args.config}" if args.config is not None else "settings"
+    for section in ("slo", "policy"):
+        if section in data and not isinstance(data[section], dict):
+            raise UsageError(f"{where}: {section}: expected a JSON object, got "
+                             f"{json_type(data[section])}")
     for dest, name in CONFIG_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
@@ -123,10 +131,23 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.tbt_slo is not None:
         slo["tbt_s"] = args.tbt_slo
     data["slo"] = slo
-    config = for_option("--config" if args.config else "settings", SimConfig.model_validate,
-                        data)
-    for_option("--model/--hardware/--calibration", config.cost_model)  # fail early, clearly
+    config: SimConfig = validated("--config" if args.config else "settings", args.config,
+                                  SimConfig, data)
+    check_limits(config.policy, where)
+    # Fail early and clearly, naming the option (or the file the setting came from), before
+    # any trace is read.
+    model_option(config.model, _origin(args, "model"))
+    hardware_option(config.hardware, _origin(args, "hardware"))
+    calibration_option(config.calibration, _origin(args, "calibration"))
+    for_option("--model/--hardware/--calibration", config.cost_model)
     return config
+
+
+def _origin(args: argparse.Namespace, dest: str) -> str:
+    """How an error names setting `dest`: its flag, or the --config file that gave it."""
+    if getattr(args, dest) is None and args.config is not None:
+        return f"--config {args.config}: {dest}"
+    return "--" + dest
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -149,3 +170,55 @@ def trace_summary(workload: Workload) -> dict[str, Any]:
     return {"name": workload.name, "requests": len(workload.requests),
             "duration_s": workload.duration_s, "mean_rate_rps": workload.mean_rate_rps,
             "notes": list(workload.notes)}
+
+
+# -- instance failures (`tetris simulate` and `tetris whatif`) -----------------------------------
+def failure_event(text: str) -> str:
+    """argparse type of `--fail`: checked now, kept as written (`FailureSpec.events`)."""
+    from tetris.simulator.failures import parse_failure
+
+    try:
+        parse_failure(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip()
+
+
+def add_failure_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("instance failures (disaggregated policies)")
+    g.add_argument("--fail", action="append", default=[], type=failure_event, metavar="SPEC",
+                   help="take instances down at simulated seconds: prefill:3@120 (for good), "
+                        "decode:0@50-80 (back at 80 s), node:1@120-300 (every instance of "
+                        "node 1: prefill nodes first, then decode nodes); repeatable")
+    g.add_argument("--mtbf-s", type=positive_float, metavar="SECONDS",
+                   help="random failures: mean time between failures of each instance "
+                        "(exponential, seeded; with --mttr-s)")
+    g.add_argument("--mttr-s", type=positive_float, metavar="SECONDS",
+                   help="random failures: mean time to repair (exponential)")
+    g.add_argument("--fail-unit", choices=("instance", "node"), default="instance",
+                   help="what one random failure takes down (default %(default)s)")
+    g.add_argument("--fail-seed", type=int, default=0, metavar="N",
+                   help="seed of the random failures (default 0)")
+
+
+def failures_requested(args: argparse.Namespace) -> bool:
+    return bool(args.fail) or args.mtbf_s is not None or args.mttr_s is not None
+
+
+def failures_from_args(args: argparse.Namespace, config: SimConfig) -> FailureSpec | None:
+    """The failure schedule of the flags (None without any), checked against the cluster."""
+    from tetris.simulator.failures import FailureSpec, check_outages
+    from tetris.solver.cluster import ClusterSpec
+
+    if not failures_requested(args):
+        return None
+    if (args.mtbf_s is None) != (args.mttr_s is None):
+        raise UsageError("--mtbf-s and --mttr-s go together")
+    spec = FailureSpec(events=tuple(args.fail), mtbf_s=args.mtbf_s, mttr_s=args.mttr_s,
+                       unit=args.fail_unit, seed=args.fail_seed)
+    cluster = ClusterSpec(prefill_instances=config.prefill_instances,
+                          decode_instances=config.decode_instances,
+                          gpus_per_node=config.gpus_per_node)
+    outages = for_option("--fail", spec.outages, cluster, 0.0)
+    for_option("--fail", check_outages, outages, cluster)
+    return spec

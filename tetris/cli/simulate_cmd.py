@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from tetris.cli.arg_types import positive_float
-from tetris.cli.errors import UsageError
+from tetris.cli.errors import UsageError, check_output_path, for_option
 from tetris.cli.output import emit, number
 from tetris.cli.sim_options import (
     add_config_options,
+    add_failure_options,
     add_trace_options,
     config_from_args,
+    failures_from_args,
     trace_summary,
     window,
     workload_from_args,
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--policy", choices=list(POLICIES), default="tetris",
                    help="serving policy (default %(default)s)")
     add_config_options(p)
+    add_failure_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("table", "json"), default="table")
     g.add_argument("--requests-csv", type=Path, metavar="FILE", help="per-request rows (CSV)")
@@ -51,10 +54,22 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    workload = workload_from_args(args)
+    # Only the chosen policy's own settings must fit the cluster (static_sp, say).
+    for_option(f"--policy {args.policy}", config.check_policy, args.policy,
+               POLICIES[args.policy].architecture)
     if args.gantt is not None and args.gantt.suffix.lower() not in (".png", ".svg"):
         raise UsageError(f"--gantt: must end in .png or .svg, got {args.gantt.name!r}")
-    result = simulate_at_rate(workload, args.policy, config, args.rate, keep_records=True)
+    for path, option in ((args.requests_csv, "--requests-csv"),
+                         (args.requests_json, "--requests-json"),
+                         (args.chrome_trace, "--chrome-trace"), (args.gantt, "--gantt")):
+        check_output_path(path, option)  # before the run, not after it
+    workload = workload_from_args(args)
+    failures = failures_from_args(args, config)
+    if failures is not None and POLICIES[args.policy].architecture != "disaggregated":
+        raise UsageError(f"--fail/--mtbf-s: failures are simulated for the disaggregated "
+                         f"policies only, not {args.policy}")
+    result = simulate_at_rate(workload, args.policy, config, args.rate, keep_records=True,
+                              failures=failures)
     records = result.records or []
     architecture = POLICIES[args.policy].architecture
     prefill = config.total_gpus if architecture == "unified" else config.prefill_instances
@@ -65,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chrome_trace:
         chrome_trace(records, prefill, args.chrome_trace)
     if args.gantt:
-        first = min(c.start_s for r in records for c in r.chunks)
+        first = min((c.start_s for r in records for c in r.chunks), default=0.0)
         start, end = args.gantt_window or (first, first + 10.0)
         report = window_report(records, prefill, start, end, args.policy)
         draw_gantt(report, args.gantt, title=f"{args.policy}: prefill {start:g}–{end:g} s",
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         "metrics": result.metrics,
         "stats": result.stats,
     }
+    if failures is not None:
+        out["failures"] = failures.model_dump(mode="json")
     emit(out, args.format, print_table)
     return 0
 
@@ -112,3 +129,18 @@ def print_table(out: dict[str, Any]) -> None:
     s = out["stats"]
     console.print(f"{number(s.get('events'))} events in {number(s.get('wall_s'))} s; "
                   f"{number(s.get('plans_validated'))} plans validated")
+    print_failures(console, m)
+
+
+def print_failures(console: Any, metrics: dict[str, Any]) -> None:
+    """SLO attainment by arrival window, for a run with failures."""
+    windows = metrics.get("failure_windows")
+    if not windows:
+        return
+    f = metrics["failures"]
+    console.print(f"failures: down {f['down_intervals']}; {f['requests_redone']} requests "
+                  f"redone ({f['redos']} redos)")
+    for name, w in windows.items():
+        console.print(f"  arrived {name}: {w['requests']} requests, SLO attainment "
+                      f"{number(w['slo_attainment'])}, TTFT p90 {number(w['ttft_p90_s'])} s, "
+                      f"{w['requests_redone']} redone")

@@ -7,6 +7,10 @@ JSON contract (`--format json`; more keys may be added, none removed):
                                        "tbt_p50_s", "tbt_p99_s", "slo_attainment", ...}]}},
      "sweep": [{"point": {FIELD: VALUE}, "policies": {...}}],       (with --sweep)
      "min_gpus": {NAME: {"rate_rps", "gpus", "prefill_instances", ...}}}  (with --min-gpus-for)
+With --fail / --mtbf-s, also "failures": the schedule, and every at-rate row has
+"failure_windows", "healthy_windows": {"before"|"during"|"after": {"requests",
+"slo_attainment", "ttft_attainment", "tbt_attainment", "ttft_p90_s", "requests_redone"}} and
+"failures": {"down_intervals", "requests_redone", "redos"}.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ from typing import Any
 from rich.progress import Progress
 
 from tetris.cli.arg_types import comma_list, positive_float, positive_int
-from tetris.cli.errors import UsageError, for_option
+from tetris.cli.errors import UsageError, check_output_path, for_option
 from tetris.cli.output import emit, number
 from tetris.cli.sim_options import (
     add_config_options,
+    add_failure_options,
     add_trace_options,
     config_from_args,
+    failures_from_args,
+    failures_requested,
     trace_summary,
     workload_from_args,
 )
 from tetris.evaluation.plots import plot_attainment_vs_rate, plot_cdfs
 from tetris.evaluation.policies import POLICIES
+from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.whatif import (
     DEFAULT_MAX_EVALS,
     DEFAULT_REL_TOL,
@@ -97,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     g.add_argument("--start-rate", type=positive_float, metavar="RPS",
                    help="first rate the search tries (default: the trace's own)")
     add_config_options(p)
+    add_failure_options(p)
     g = p.add_argument_group("execution and output")
     g.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="parallel worker processes (default 1)")
@@ -117,27 +126,49 @@ def _check(args: argparse.Namespace, policies: list[str]) -> None:
                              f"evaluated ({', '.join(policies)})")
         if args.no_search:
             raise UsageError("--at-rate-of needs the max-rate search (drop --no-search)")
-    if args.no_search and not args.rates and args.min_gpus_for is None:
+    if args.no_search and not args.rates and args.min_gpus_for is None and \
+            not failures_requested(args):
         raise UsageError("nothing to do: --no-search without --rates or --min-gpus-for")
     if args.plot_cdf is not None and args.at_rate_of is None and not args.rates:
         raise UsageError("--plot-cdf needs --at-rate-of or --rates")
     for path, opt in ((args.plot_cdf, "--plot-cdf"), (args.plot_attainment, "--plot-attainment")):
         if path is not None and path.suffix.lower() not in (".png", ".svg"):
             raise UsageError(f"{opt}: must end in .png or .svg, got {path.name!r}")
+        check_output_path(path, opt)  # before the simulations, not after them
+
+
+def _check_point(point: dict[str, Any], config: SimConfig, policies: list[str]) -> None:
+    """Each policy's own settings fit this (swept) cluster; a swept model, hardware or
+    calibration loads. Checked before any simulation starts."""
+    where = f"--sweep {json.dumps(point)}" if point else "--policy"
+    if point:
+        for_option(where, config.cost_model)
+    for policy in policies:
+        for_option(f"{where} {policy}", config.check_policy, policy,
+                   POLICIES[policy].architecture)
 
 
 def run(args: argparse.Namespace) -> int:
     policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
+    if failures_requested(args):
+        policies = _failure_policies(args, policies)
     _check(args, policies)
     base = config_from_args(args)
+    failures = failures_from_args(args, base)
+    search, rates = not args.no_search, tuple(args.rates)
+    if failures is not None:  # the question is "at this rate, lose these instances"
+        search = search and args.at_rate_of is not None
+        rates = rates or (() if args.at_rate_of is not None else (None,))
     workload = workload_from_args(args)
     points = for_option("--sweep", sweep_points, args.sweep)
     configs = [for_option("--sweep", apply_point, base, point) for point in points]
+    for point, config in zip(points, configs, strict=True):
+        _check_point(point, config, policies)
     keep = args.plot_cdf is not None and args.at_rate_of is None
-    units = [SearchUnit(policy, config, point, search=not args.no_search,
-                        rates=tuple(args.rates), target=args.target, rel_tol=args.rel_tol,
+    units = [SearchUnit(policy, config, point, search=search,
+                        rates=rates, target=args.target, rel_tol=args.rel_tol,
                         max_evals=args.max_evals, start_rps=args.start_rate,
-                        keep_records=keep)
+                        keep_records=keep, failures=failures)
              for point, config in zip(points, configs, strict=True) for policy in policies]
     tasks: list[Task] = [(run_search_unit, (workload, u)) for u in units]
     if args.min_gpus_for is not None:
@@ -154,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         "cluster": base.model_dump(mode="json"),
         "target": args.target,
     }
+    if failures is not None:
+        out["failures"] = {**failures.model_dump(mode="json"), "note": FAILURE_NOTE}
     by_point = [[o for o in outcomes if o.unit.point == point] for point in points]
     out["policies"] = _policies_json(by_point[0]) if not args.sweep else {}
     if args.sweep:
@@ -189,7 +222,8 @@ def _at_rate_of(outcomes: list[SearchOutcome], workload: Workload,
             raise UsageError(f"--at-rate-of: {args.at_rate_of} sustains no rate at "
                              f"{o.unit.point or 'the base settings'}")
         unit = SearchUnit(o.unit.policy, o.unit.config, o.unit.point, search=False,
-                          rates=(rate,), keep_records=args.plot_cdf is not None)
+                          rates=(rate,), keep_records=args.plot_cdf is not None,
+                          failures=o.unit.failures)
         tasks.append((run_search_unit, (workload, unit)))
     extra = _execute(tasks, args, f"at {args.at_rate_of}'s max rate")
     for i, o in enumerate(outcomes):
@@ -264,5 +298,45 @@ def print_table(out: dict[str, Any]) -> None:
                               "/".join(number(r[k], 3) for k in ("tbt_p50_s", "tbt_p99_s")),
                               number(r["slo_attainment"], 3))
         console.print(table)
+        print_failure_windows(console, policies)
     for name, res in (out.get("min_gpus") or {}).items():
         console.print(f"{name}: fewest GPUs for {res['rate_rps']:g} req/s = {res['gpus']}")
+
+
+# -- failure what-ifs ----------------------------------------------------------------------------
+FAILURE_NOTE = ("failures apply to the at-rate runs (--rates, the --at-rate-of rate, or else "
+                "the trace's own rate); max-rate and --min-gpus-for searches are of the healthy "
+                "cluster; windows are by arrival time")
+
+
+def _failure_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
+    """Failures are simulated on the disaggregated policies: the default list drops the
+    others, an explicit one is refused."""
+    unified = [p for p in policies if POLICIES[p].architecture != "disaggregated"]
+    if unified and args.policy:
+        raise UsageError(f"--fail/--mtbf-s: failures are simulated for the disaggregated "
+                         f"policies only, not {', '.join(unified)}")
+    return [p for p in policies if p not in unified]
+
+
+def print_failure_windows(console: Any, policies: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    rows = [(name, r) for name, res in policies.items() for r in res["at_rates"]
+            if "failure_windows" in r]
+    if not rows:
+        return
+    table = Table(title="SLO attainment by arrival window (healthy run in brackets)",
+                  header_style="bold")
+    for col in ("policy", "rate", "window", "requests", "attainment", "TTFT p90 (s)",
+                "redone"):
+        table.add_column(col)
+    for name, r in rows:
+        for window, w in r["failure_windows"].items():
+            h = r.get("healthy_windows", {}).get(window, {})
+            table.add_row(name, _rate_label(r), window, str(w["requests"]),
+                          f"{number(w['slo_attainment'], 3)} "
+                          f"({number(h.get('slo_attainment'), 3)})",
+                          f"{number(w['ttft_p90_s'], 3)} ({number(h.get('ttft_p90_s'), 3)})",
+                          str(w["requests_redone"]))
+    console.print(table)

@@ -31,6 +31,11 @@ Definitions (every time in seconds; a request's tokens are `RequestRecord.token_
   span; `output_tokens_per_s` = all output tokens produced / span.
 - **Percentiles** use numpy's default (linear interpolation between order statistics).
 - Undefined values (no data, or a zero span) are `None`; counts are 0 for an empty run.
+- **Failure windows** (`failure_metrics`, runs with instance failures): every request falls in
+  one window by its *arrival*: `before` the first failure, `during` (some instance is down),
+  `after` (arrived after the first failure while every instance was up again). Per window:
+  `requests`, `slo_attainment`, `ttft_attainment`, `tbt_attainment`, `ttft_p90_s` (over its
+  started requests), `requests_redone` (requests whose prefill started over at least once).
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ PERCENTILES = (50.0, 90.0, 99.0)
 ROW_FIELDS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "ttft_s", "tbt_mean_s",
     "tbt_max_s", "e2e_s", "ttft_slo_s", "tbt_slo_s", "met_ttft", "met_tbt", "met_slo",
-    "chunks", "max_sp", "decode_instances",
+    "chunks", "max_sp", "decode_instances", "redone",
 )
+FAILURE_WINDOWS = ("before", "during", "after")
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -192,6 +198,7 @@ def per_request_rows(
             "chunks": len(rec.chunks),
             "max_sp": max((len(c.instances) for c in rec.chunks), default=0),
             "decode_instances": ";".join(str(g) for g in rec.decode_instances),
+            "redone": rec.redone,
         })
     return rows
 
@@ -215,6 +222,47 @@ def write_request_json(
     with Path(path).open("w") as f:
         json.dump(rows, f, indent=1)
         f.write("\n")
+
+
+def failure_metrics(
+    records: Sequence[RequestRecord], down: Sequence[tuple[float, float | None]], *,
+    tbt_criterion: str = "mean",
+) -> dict[str, Any]:
+    """`{"failure_windows": {"before", "during", "after"}, "failures": {...}}` for a run whose
+    instances were down during `down` (time-ordered disjoint (start, end) spans, end None:
+    for good; `failures.down_intervals`). See the module docstring for the windows."""
+    per = _per_request(records, tbt_criterion)
+    n = len(records)
+    redone = np.fromiter((r.redone for r in records), np.int64, n)
+    window = np.zeros(n, np.int64)
+    if down:
+        window[per.arrival >= down[0][0]] = 2
+        for start, end in down:
+            inside = per.arrival >= start
+            if end is not None:
+                inside &= per.arrival < end
+            window[inside] = 1
+    windows: dict[str, Any] = {}
+    for k, name in enumerate(FAILURE_WINDOWS):
+        mask = window == k
+        count = int(mask.sum())
+
+        def share(met: BoolArray, mask: BoolArray = mask, count: int = count) -> float | None:
+            return float(met[mask].mean()) if count else None
+
+        windows[name] = {
+            "requests": count,
+            "slo_attainment": share(per.met_slo),
+            "ttft_attainment": share(per.met_ttft),
+            "tbt_attainment": share(per.met_tbt),
+            "ttft_p90_s": _stats(per.ttft[mask & per.started])[2],
+            "requests_redone": int((redone[mask] > 0).sum()),
+        }
+    return {"failure_windows": windows, "failures": {
+        "down_intervals": [[start, end] for start, end in down],
+        "requests_redone": int((redone > 0).sum()),
+        "redos": int(redone.sum()),
+    }}
 
 
 def _per_request(records: Sequence[RequestRecord], tbt_criterion: str) -> _PerRequest:

@@ -26,6 +26,13 @@ from tetris.solver.policy.settings import PolicySettings
 from tetris.solver.slo import SloSpec
 
 DEFAULT_SLO = SloSpec(ttft_scale=5.0, tbt_s=0.1)
+#: Most instances of one kind: the simulator allocates per instance (10^11 is a MemoryError).
+MAX_INSTANCES = 4096
+#: Log-normal duration noise beyond this CV overflows (cv² = inf gives NaN durations).
+MAX_NOISE_CV = 100.0
+#: Range of SLO seconds and of the TTFT scale: the planners' tick arithmetic needs normal
+#: floats (a 1e-320 s SLO turns into NaN in the MILP) and finite sums of them.
+SLO_RANGE = (1e-6, 1e9)
 
 
 class SimConfig(BaseModel):
@@ -36,14 +43,14 @@ class SimConfig(BaseModel):
     calibration: str | None = Field(
         default=None, description="calibration JSON from `tetris profile` (replaces the "
         "datasheet coefficients)")
-    prefill_instances: int = Field(default=8, gt=0)
-    decode_instances: int = Field(default=8, gt=0)
-    gpus_per_node: int = Field(default=8, gt=0)
+    prefill_instances: int = Field(default=8, gt=0, le=MAX_INSTANCES)
+    decode_instances: int = Field(default=8, gt=0, le=MAX_INSTANCES)
+    gpus_per_node: int = Field(default=8, gt=0, le=MAX_INSTANCES)
     slo: SloSpec = DEFAULT_SLO
-    slo_reference_gpus: int | None = Field(default=None, gt=0)
+    slo_reference_gpus: int | None = Field(default=None, gt=0, le=2 * MAX_INSTANCES)
     tbt_criterion: Literal["mean", "p90", "p99", "max"] = "mean"
-    seed: int = 0
-    noise_cv: float = Field(default=0.0, ge=0)
+    seed: int = Field(default=0, ge=0)
+    noise_cv: float = Field(default=0.0, ge=0, le=MAX_NOISE_CV)
     solver_clock: Literal["modeled", "measured", "free"] = "modeled"
     policy: PolicySettings = Field(default_factory=PolicySettings, description="the "
                                    "policies' settings, shared with `tetris serve`")
@@ -53,8 +60,21 @@ class SimConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sizes(self) -> SimConfig:
+        # Only what every policy shares: a setting of one policy (static_sp, say) is checked
+        # by `check_policy` for the policies actually run.
         self.policy.check_cluster(self.prefill_instances)
+        low, high = SLO_RANGE
+        for name in ("ttft_s", "ttft_scale", "tbt_s"):
+            value = getattr(self.slo, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"slo.{name} must be in [{low:g}, {high:g}], got {value}")
         return self
+
+    def check_policy(self, name: str, architecture: str = "disaggregated") -> None:
+        """ValueError naming a setting of policy `name` that this cluster cannot honour; a
+        unified policy runs on every GPU."""
+        pool = self.total_gpus if architecture == "unified" else self.prefill_instances
+        self.policy.check_cluster(pool, name)
 
     @property
     def total_gpus(self) -> int:

@@ -18,9 +18,21 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from tetris.evaluation.workload import FloatArray, IntArray, LengthSamples, TraceRequest, Workload
+from tetris.evaluation.workload import (
+    MAX_TOKENS,
+    FloatArray,
+    IntArray,
+    LengthSamples,
+    TraceRequest,
+    Workload,
+)
 
 ARRIVALS = ("poisson", "gamma", "constant")
+#: Most requests one synthetic workload may have (each is a Python object: ~10^7 is GBs).
+MAX_REQUESTS = 10**7
+#: Gamma coefficients of variation allowed: outside, shape 1/cv² or the gap scale under- or
+#: overflows a float (cv = 1e-300 divides by zero).
+CV_RANGE = (1e-3, 1e3)
 
 #: Largest [min, max] range Zipf tabulates (its pmf is one float per integer in the range).
 ZIPF_MAX_RANGE = 1 << 22
@@ -36,10 +48,10 @@ class LengthDistribution(Protocol):
 
 
 def _check_bounds(name: str, low: int, high: int | None) -> None:
-    if low < 1:
-        raise ValueError(f"{name}: min must be >= 1, got {low}")
-    if high is not None and high < low:
-        raise ValueError(f"{name}: max ({high}) must be >= min ({low})")
+    if not 1 <= low <= MAX_TOKENS:
+        raise ValueError(f"{name}: min must be in [1, {MAX_TOKENS}], got {low}")
+    if high is not None and not low <= high <= MAX_TOKENS:
+        raise ValueError(f"{name}: max must be in [min ({low}), {MAX_TOKENS}], got {high}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +61,8 @@ class Fixed:
     tokens: int
 
     def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ValueError(f"fixed: tokens must be >= 1, got {self.tokens}")
+        if not 1 <= self.tokens <= MAX_TOKENS:
+            raise ValueError(f"fixed: tokens must be in [1, {MAX_TOKENS}], got {self.tokens}")
 
     def sample(self, rng: np.random.Generator, n: int) -> IntArray:
         return np.full(n, self.tokens, dtype=np.int64)
@@ -67,8 +79,9 @@ class Uniform:
     hi: int
 
     def __post_init__(self) -> None:
-        if self.lo < 1 or self.hi < self.lo:
-            raise ValueError(f"uniform: need 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
+        if not 1 <= self.lo <= self.hi <= MAX_TOKENS:
+            raise ValueError(f"uniform: need 1 <= lo <= hi <= {MAX_TOKENS}, got lo={self.lo}, "
+                             f"hi={self.hi}")
 
     def sample(self, rng: np.random.Generator, n: int) -> IntArray:
         values: IntArray = rng.integers(self.lo, self.hi, size=n, endpoint=True, dtype=np.int64)
@@ -130,7 +143,8 @@ class LogNormal:
         _check_bounds("lognormal", self.min, self.max)
 
     def sample(self, rng: np.random.Generator, n: int) -> IntArray:
-        high = math.inf if self.max is None else self.max
+        # Never above MAX_TOKENS: an unbounded draw can be inf, which has no int64.
+        high = MAX_TOKENS if self.max is None else self.max
         out = np.empty(n, dtype=np.int64)
         filled = 0
         drawn = 0
@@ -147,7 +161,7 @@ class LogNormal:
             drawn += batch
             if filled < n and drawn > 1000 * n + 100_000 and filled < drawn * 1e-3:
                 raise ValueError(f"{self.spec()}: under 0.1 % of the mass lies in "
-                                 f"[{self.min}, {self.max}]")
+                                 f"[{self.min}, {high}]")
         return out
 
     def spec(self) -> str:
@@ -165,8 +179,8 @@ class Empirical:
     def __post_init__(self) -> None:
         if self.values.ndim != 1 or len(self.values) == 0:
             raise ValueError(f"{self.source}: needs a non-empty 1-D array of counts")
-        if int(self.values.min()) < 1:
-            raise ValueError(f"{self.source}: counts must be >= 1")
+        if int(self.values.min()) < 1 or int(self.values.max()) > MAX_TOKENS:
+            raise ValueError(f"{self.source}: counts must be in [1, {MAX_TOKENS}]")
 
     def sample(self, rng: np.random.Generator, n: int) -> IntArray:
         return rng.choice(self.values, size=n, replace=True).astype(np.int64)
@@ -184,6 +198,9 @@ def _check_rate(n: int, rate_rps: float) -> None:
         raise ValueError(f"n must be >= 0, got {n}")
     if not (math.isfinite(rate_rps) and rate_rps > 0):
         raise ValueError(f"rate must be a finite number > 0 req/s, got {rate_rps}")
+    # 100 × the mean span leaves room for the exponential tail of a Poisson draw.
+    if not math.isfinite(100.0 * max(n, 1) / rate_rps):
+        raise ValueError(f"rate {rate_rps} req/s is too low: {n} arrivals overflow float seconds")
 
 
 def _from_gaps(gaps: FloatArray) -> FloatArray:
@@ -202,8 +219,8 @@ def gamma_arrivals(n: int, rate_rps: float, cv: float, rng: np.random.Generator)
     """n arrival times with gamma gaps of mean 1/rate and coefficient of variation `cv`
     (shape 1/cv²; cv = 1 is Poisson), first at 0."""
     _check_rate(n, rate_rps)
-    if not (math.isfinite(cv) and cv > 0):
-        raise ValueError(f"cv must be a finite number > 0, got {cv}")
+    if not CV_RANGE[0] <= cv <= CV_RANGE[1]:
+        raise ValueError(f"cv must be in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}], got {cv}")
     if n == 0:
         return np.empty(0)
     shape = 1.0 / (cv * cv)
@@ -234,8 +251,10 @@ def synthetic_workload(
     realised mean rate differs from `rate_rps` by sampling noise; call `scaled_to_rate` for
     an exact one.
     """
-    if n_requests < 1:
-        raise ValueError(f"n_requests must be >= 1, got {n_requests}")
+    if not 1 <= n_requests <= MAX_REQUESTS:
+        raise ValueError(f"n_requests must be in [1, {MAX_REQUESTS}], got {n_requests}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if paired is not None and (prompt is not None or output is not None):
         raise ValueError("give either paired or prompt and output, not both")
     if paired is None and (prompt is None or output is None):

@@ -15,35 +15,43 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
+import io
 import re
 from collections.abc import Callable, Iterator, Sequence
-from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tetris.evaluation.workload import FloatArray, IntArray, LengthSamples, TraceRequest, Workload
+from tetris.evaluation.workload import (
+    MAX_TOKENS,
+    FloatArray,
+    IntArray,
+    LengthSamples,
+    TraceRequest,
+    Workload,
+)
+from tetris.solver.input_files import (
+    InputFileError,
+    StrPath,
+    cut,
+    parse_json,
+    read_text,
+    shown,
+)
 
-StrPath = str | PathLike[str]
+if TYPE_CHECKING:
+    from _csv import Reader as _CsvReader
 
 AZURE_HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
+#: Latest Mooncake timestamp (ms): beyond 2^53 a float second no longer holds every ms.
+MAX_TIMESTAMP_MS = 2**53
+_INT64_MAX = 2**63 - 1
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(InputFileError):
     """A trace file that does not match its format: "PATH:LINE: what is wrong"."""
-
-    def __init__(self, path: StrPath, line: int | None, problem: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self) -> tuple[type[TraceFormatError], tuple[str, int | None, str]]:
-        # The default pickling re-calls __init__ with the formatted message only.
-        return (type(self), (self.path, self.line, self.problem))
 
 
 def _fmt_s(seconds: float) -> str:
@@ -67,33 +75,32 @@ def load_mooncake(path: StrPath, *, spread_buckets: bool = True, seed: int = 0) 
     outputs: list[int] = []
     lines: list[int] = []
     blank_at: int | None = None
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                blank_at = blank_at or number
-                continue
-            if blank_at is not None:
-                raise TraceFormatError(path, blank_at, "blank line before more records")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TraceFormatError(path, number, f"not JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise TraceFormatError(path, number, "a record must be a JSON object")
-            values = []
-            for field, low in zip(MOONCAKE_FIELDS, (0, 1, 1), strict=True):
-                if field not in record:
-                    raise TraceFormatError(path, number, f"missing field {field!r}")
-                value = record[field]
-                # bool is an int subclass in Python; true/false is not a token count.
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise TraceFormatError(path, number, f"{field} must be an integer >= {low}, "
-                                           f"got {value!r}")
-                values.append(value)
-            times_ms.append(values[0])
-            prompts.append(values[1])
-            outputs.append(values[2])
-            lines.append(number)
+    # Only "\n" ends a JSONL line: str.splitlines() would also split at U+2028 inside strings.
+    text = read_text(path, TraceFormatError)
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            blank_at = blank_at or number
+            continue
+        if blank_at is not None:
+            raise TraceFormatError(path, blank_at, "blank line before more records")
+        record = parse_json(line, path, number, TraceFormatError)
+        if not isinstance(record, dict):
+            raise TraceFormatError(path, number, "a record must be a JSON object")
+        values = []
+        for field, low, high in zip(MOONCAKE_FIELDS, (0, 1, 1),
+                                    (MAX_TIMESTAMP_MS, MAX_TOKENS, MAX_TOKENS), strict=True):
+            if field not in record:
+                raise TraceFormatError(path, number, f"missing field {field!r}")
+            value = record[field]
+            # bool is an int subclass in Python; true/false is not a token count.
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise TraceFormatError(path, number, f"{field} must be an integer in "
+                                       f"[{low}, {high}], got {shown(value)}")
+            values.append(value)
+        times_ms.append(values[0])
+        prompts.append(values[1])
+        outputs.append(values[2])
+        lines.append(number)
     if not times_ms:
         raise TraceFormatError(path, None, "no records")
 
@@ -185,7 +192,7 @@ def parse_azure_timestamp(text: str) -> int:
     """
     match = _AZURE_TIME.fullmatch(text)
     if match is None:
-        raise ValueError(f"timestamp {text!r} is not YYYY-MM-DD HH:MM:SS[.fraction]")
+        raise ValueError(f"timestamp {shown(text)} is not YYYY-MM-DD HH:MM:SS[.fraction]")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction = match.group(7) or ""
     # datetime validates the calendar (month 13, Feb 30, hour 25 are errors).
@@ -212,6 +219,10 @@ def load_azure(path: StrPath) -> Workload:
             stamps.append(parse_azure_timestamp(stamp))
         except ValueError as error:
             raise TraceFormatError(path, number, str(error)) from None
+        if abs(stamps[-1] - stamps[0]) > _INT64_MAX:
+            # Sorting is done in int64 nanoseconds: ±292 years around the first row.
+            raise TraceFormatError(path, number, f"timestamp {stamp.strip()!r} is more than "
+                                   "292 years from the first row's")
         prompts.append(_positive_int(prompt, AZURE_HEADER[1], path, number))
         outputs.append(_positive_int(output, AZURE_HEADER[2], path, number))
         lines.append(number)
@@ -235,37 +246,47 @@ def _csv_rows(path: Path, columns: Sequence[str], *, empty: str,
 
     Blank lines are allowed only at the end (a trailing newline or two), anywhere else they
     are an error at the first blank line; every row must have the header's field count."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise TraceFormatError(path, 1, empty)
-        names = [name.strip() for name in header]
-        absent = [c for c in columns if c not in names]
-        if absent:
-            raise TraceFormatError(path, 1, missing(names, absent))
-        at = [names.index(c) for c in columns]
-        blank_at: int | None = None
-        for row in reader:
-            number = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                blank_at = blank_at or number
-                continue
-            if blank_at is not None:
-                raise TraceFormatError(path, blank_at, "blank line before more rows")
-            if len(row) != len(names):
-                raise TraceFormatError(path, number, f"expected {len(names)} fields, "
-                                       f"got {len(row)}")
-            yield number, [row[i] for i in at]
+    reader = csv.reader(io.StringIO(read_text(path, TraceFormatError, "utf-8-sig"), newline=""))
+    header = _next_row(reader, path)
+    if header is None:
+        raise TraceFormatError(path, 1, empty)
+    names = [name.strip() for name in header]
+    absent = [c for c in columns if c not in names]
+    if absent:
+        raise TraceFormatError(path, 1, missing([cut(n) for n in names[:20]], absent))
+    at = [names.index(c) for c in columns]
+    blank_at: int | None = None
+    while (row := _next_row(reader, path)) is not None:
+        number = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            blank_at = blank_at or number
+            continue
+        if blank_at is not None:
+            raise TraceFormatError(path, blank_at, "blank line before more rows")
+        if len(row) != len(names):
+            raise TraceFormatError(path, number, f"expected {len(names)} fields, "
+                                   f"got {len(row)}")
+        yield number, [row[i] for i in at]
+
+
+def _next_row(reader: _CsvReader, path: Path) -> list[str] | None:
+    try:
+        return next(reader, None)
+    except csv.Error as error:  # e.g. a field over csv's size limit, an open quote at the end
+        raise TraceFormatError(path, reader.line_num or 1, f"not CSV: {error}") from None
 
 
 def _positive_int(text: str, column: str, path: Path, line: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise TraceFormatError(path, line, f"{column} must be an integer, got {text!r}") from None
+        raise TraceFormatError(path, line, f"{column} must be an integer, got {shown(text)}"
+                               ) from None
     if value <= 0:
         raise TraceFormatError(path, line, f"{column} must be > 0, got {value}")
+    if value > MAX_TOKENS:
+        raise TraceFormatError(path, line, f"{column} must be <= {MAX_TOKENS}, got "
+                               f"{cut(text.strip())}")
     return value
 
 

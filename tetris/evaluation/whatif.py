@@ -4,6 +4,11 @@ any setting, and the fewest GPUs that sustain a rate.
 Work is cut into independent units — one (policy, sweep point) search, or one (policy, rate)
 run — that run in parallel processes (`jobs`) or as Ray tasks (`ray_address`); every unit is a
 plain function of picklable arguments, so both back-ends run the same code.
+
+Failure what-ifs (`FailureSpec`): at-rate runs live through the instance failures and report SLO
+attainment by arrival window (before the first failure, during, after recovery) next to the
+same windows of the same run on a healthy cluster (`healthy_windows`); max-rate searches and
+fewest-GPU searches are always of the healthy cluster.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from tetris.evaluation.capacity import fewest_instances, find_max_rate
-from tetris.evaluation.metrics import compute_metrics
-from tetris.evaluation.policies import run_policy
+from tetris.evaluation.metrics import compute_metrics, failure_metrics
+from tetris.evaluation.policies import POLICIES, run_policy
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload import Workload
-from tetris.simulator.records import RequestRecord
+from tetris.simulator.disaggregated import SimOptions, simulate_disaggregated
+from tetris.simulator.failures import FailureSpec, down_intervals
+from tetris.simulator.records import RequestRecord, SimOutcome, SimRequest
+from tetris.solver.policy.registry import make_policy
 from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.policy.view import SolverClock
 from tetris.solver.slo import SloSpec
 
 DEFAULT_TARGET = 0.9
@@ -50,14 +59,52 @@ class RunResult:
 
 
 def simulate_at_rate(workload: Workload, policy: str, config: SimConfig, rate_rps: float | None,
-                     *, keep_records: bool = False) -> RunResult:
-    """One simulation of `workload` time-scaled to `rate_rps` (None: as recorded)."""
+                     *, keep_records: bool = False,
+                     failures: FailureSpec | None = None) -> RunResult:
+    """One simulation of `workload` time-scaled to `rate_rps` (None: as recorded), living
+    through `failures` if given (its metrics then have `failure_windows` and `failures`)."""
     scaled = workload if rate_rps is None else workload.scaled_to_rate(rate_rps)
     requests = config.sim_requests(scaled.requests)
-    outcome = run_policy(policy, requests, config)
-    metrics = compute_metrics(outcome.records, tbt_criterion=config.tbt_criterion).to_dict()
+    failing = failures if failures is not None and failures.active else None
+    outcome = (run_policy(policy, requests, config) if failing is None
+               else simulate_with_failures(policy, requests, config, failing))
+    metrics: dict[str, Any] = compute_metrics(outcome.records,
+                                              tbt_criterion=config.tbt_criterion).to_dict()
+    if failing is not None:
+        metrics.update(failure_metrics(outcome.records, down_intervals(outcome.outages),
+                                       tbt_criterion=config.tbt_criterion))
     return RunResult(scaled.mean_rate_rps if rate_rps is None else rate_rps, metrics,
                      dict(outcome.stats), outcome.records if keep_records else None)
+
+
+def simulate_with_failures(policy: str, requests: Sequence[SimRequest], config: SimConfig,
+                           failures: FailureSpec) -> SimOutcome:
+    """A disaggregated policy's run under `failures` (random ones start before the last
+    arrival). ValueError for a unified policy: its simulator has no failure model."""
+    if POLICIES[policy].architecture != "disaggregated":
+        raise ValueError(f"{policy}: instance failures are simulated for the disaggregated "
+                         "policies only")
+    cost_model = config.cost_model()
+    horizon = max((r.arrival_s for r in requests), default=0.0)
+    outages = failures.outages(cost_model.cluster, horizon)
+    prefill = make_policy(policy, config.policy, cost_model,
+                          clock=SolverClock(config.solver_clock))
+    return simulate_disaggregated(requests, prefill, SimOptions(
+        seed=config.seed, noise_cv=config.noise_cv, outages=outages))
+
+
+def failure_run(workload: Workload, policy: str, config: SimConfig, rate_rps: float | None,
+                failures: FailureSpec, *, keep_records: bool = False) -> RunResult:
+    """`simulate_at_rate` under `failures`, its metrics with `healthy_windows`: the same
+    arrival windows in the same run without failures (what the failures cost)."""
+    result = simulate_at_rate(workload, policy, config, rate_rps, keep_records=True,
+                              failures=failures)
+    healthy = simulate_at_rate(workload, policy, config, rate_rps, keep_records=True)
+    down = [(start, end) for start, end in result.metrics["failures"]["down_intervals"]]
+    result.metrics["healthy_windows"] = failure_metrics(
+        healthy.records or [], down, tbt_criterion=config.tbt_criterion)["failure_windows"]
+    return RunResult(result.rate_rps, result.metrics, result.stats,
+                     result.records if keep_records else None)
 
 
 @dataclass(frozen=True)
@@ -68,12 +115,13 @@ class SearchUnit:
     config: SimConfig
     point: dict[str, Any] = field(default_factory=dict)
     search: bool = True
-    rates: tuple[float, ...] = ()
+    rates: tuple[float | None, ...] = ()  # None: the trace's own rate
     target: float = DEFAULT_TARGET
     rel_tol: float = DEFAULT_REL_TOL
     max_evals: int = DEFAULT_MAX_EVALS
     start_rps: float | None = None
     keep_records: bool = False
+    failures: FailureSpec | None = None  # lived through by the at-rate runs only
 
 
 @dataclass
@@ -101,8 +149,11 @@ def run_search_unit(workload: Workload, unit: SearchUnit) -> SearchOutcome:
         capacity = found.to_dict()
     at_rates = []
     for rate in unit.rates:
-        result = simulate_at_rate(workload, unit.policy, unit.config, rate,
-                                  keep_records=unit.keep_records)
+        result = (failure_run(workload, unit.policy, unit.config, rate, unit.failures,
+                              keep_records=unit.keep_records)
+                  if unit.failures is not None and unit.failures.active else
+                  simulate_at_rate(workload, unit.policy, unit.config, rate,
+                                   keep_records=unit.keep_records))
         validated += int(result.stats.get("plans_validated", 0))
         at_rates.append(result)
     return SearchOutcome(unit, capacity, at_rates, validated)

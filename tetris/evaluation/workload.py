@@ -13,17 +13,18 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:
-    pass
-
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 _T = TypeVar("_T")
+
+#: Most tokens a request may have in or out: far beyond any model's context, and small enough
+#: that token sums over a whole trace stay inside numpy's int64.
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +44,10 @@ class TraceRequest:
                              f"got {self.arrival_s}")
         for name in ("prompt_tokens", "output_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"request {self.request_id}: {name} must be an int > 0, "
-                                 f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 < value <= MAX_TOKENS:
+                raise ValueError(f"request {self.request_id}: {name} must be an int in "
+                                 f"[1, {MAX_TOKENS}], got {value!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,8 +67,9 @@ class LengthSamples:
                              f"length, got shapes {self.prompt.shape} and {self.output.shape}")
         if len(self.prompt) == 0:
             raise ValueError(f"{self.source}: no length samples")
-        if int(self.prompt.min()) <= 0 or int(self.output.min()) <= 0:
-            raise ValueError(f"{self.source}: token counts must be > 0")
+        if int(min(self.prompt.min(), self.output.min())) <= 0 or \
+                int(max(self.prompt.max(), self.output.max())) > MAX_TOKENS:
+            raise ValueError(f"{self.source}: token counts must be in [1, {MAX_TOKENS}]")
         self.prompt.flags.writeable = False
         self.output.flags.writeable = False
 

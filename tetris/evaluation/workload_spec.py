@@ -56,14 +56,26 @@ from tetris.evaluation.synthetic import (
     Zipf,
     synthetic_workload,
 )
-from tetris.evaluation.trace_formats import load_azure, load_column, load_lengths, load_mooncake
+from tetris.evaluation.trace_formats import (
+    TraceFormatError,
+    load_azure,
+    load_column,
+    load_lengths,
+    load_mooncake,
+)
 from tetris.evaluation.workload import IntArray, LengthSamples, Workload
+from tetris.solver.input_files import cut, decode_text, shown
 
 _T = TypeVar("_T")
 
 
 class WorkloadSpecError(ValueError):
     """A workload spec string that does not parse; the message quotes the offending part."""
+
+
+def _q(text: str) -> str:
+    # Specs are quoted in errors; a 5000-digit value must not make the message 5000 wide.
+    return repr(cut(text, 160))
 
 
 _SYNTHETIC_KEYS = ("n", "rate", "arrival", "cv", "prompt", "output", "paired", "seed")
@@ -75,9 +87,8 @@ def load_workload(spec: str, *, seed: int = 0, spread_buckets: bool = True) -> W
     `seed` drives Mooncake bucket spreading and synthetic sampling (a `seed=` key in a
     synthetic spec wins); `spread_buckets` applies to Mooncake traces only.
     """
-    # Imported here: both modules build Workloads, so importing them at module level would be
-    # circular.
-
+    if seed < 0:
+        raise WorkloadSpecError(f"workload spec seed must be >= 0, got {seed}")
     kind, sep, rest = spec.partition(":")
     kind = kind.lower()
     if sep and kind == "mooncake":
@@ -89,24 +100,30 @@ def load_workload(spec: str, *, seed: int = 0, spread_buckets: bool = True) -> W
     path = Path(spec)
     if not path.exists():
         if sep and "/" not in kind and "\\" not in kind:
-            raise WorkloadSpecError(f"workload spec {spec!r}: unknown kind {kind!r} (use "
+            raise WorkloadSpecError(f"workload spec {_q(spec)}: unknown kind {_q(kind)} (use "
                                     "mooncake:PATH, azure:PATH, synthetic:KEY=VAL,... or a path)")
-        raise FileNotFoundError(f"workload spec {spec!r}: no such file")
+        raise FileNotFoundError(f"workload spec {_q(spec)}: no such file")
     return _load_by_content(path, spec, seed=seed, spread_buckets=spread_buckets)
 
 
 def _existing(text: str, spec: str) -> Path:
     if not text:
-        raise WorkloadSpecError(f"workload spec {spec!r}: missing PATH after the colon")
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: missing PATH after the colon")
     path = Path(text)
+    if path.is_dir():
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: {_q(text)} is a directory, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"workload spec {spec!r}: no such file {text!r}")
+        raise FileNotFoundError(f"workload spec {_q(spec)}: no such file {_q(text)}")
     return path
 
 
 def _is_azure_csv(path: Path) -> bool:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        header = handle.readline().strip()
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(1 << 16)
+    except OSError as err:
+        raise TraceFormatError(path, None, f"cannot read: {err.strerror}") from None
+    header = decode_text(first, path, TraceFormatError, "utf-8-sig").strip()
     return [c.strip() for c in header.split(",")][:3] == ["TIMESTAMP", "ContextTokens",
                                                           "GeneratedTokens"]
 
@@ -119,10 +136,10 @@ def _load_by_content(path: Path, spec: str, *, seed: int, spread_buckets: bool) 
         if _is_azure_csv(path):
             return load_azure(path)
         raise WorkloadSpecError(
-            f"workload spec {spec!r}: this CSV has no Azure header (TIMESTAMP,ContextTokens,"
+            f"workload spec {_q(spec)}: this CSV has no Azure header (TIMESTAMP,ContextTokens,"
             f"GeneratedTokens); a lengths-only file needs arrivals: "
             f"synthetic:n=...,rate=...,paired={spec}")
-    raise WorkloadSpecError(f"workload spec {spec!r}: cannot tell the format from the suffix "
+    raise WorkloadSpecError(f"workload spec {_q(spec)}: cannot tell the format from the suffix "
                             f"{path.suffix!r}; write mooncake:PATH or azure:PATH")
 
 
@@ -132,11 +149,11 @@ def _load_samples(path_text: str, part: str, prompt_column: str | None = None,
 
     path = Path(path_text)
     if not path.is_file():
-        raise FileNotFoundError(f"{part!r}: no such file {path_text!r}")
+        raise FileNotFoundError(f"{_q(part)}: no such file {_q(path_text)}")
     if path.suffix == ".jsonl":
         if prompt_column not in (None, "input_length") or output_column not in (
                 None, "output_length"):
-            raise WorkloadSpecError(f"{part!r}: a Mooncake JSONL has only the length fields "
+            raise WorkloadSpecError(f"{_q(part)}: a Mooncake JSONL has only the length fields "
                                     "input_length and output_length")
         return LengthSamples.from_workload(load_mooncake(path, spread_buckets=False))
     if _is_azure_csv(path):
@@ -155,7 +172,7 @@ def _load_one_column(path_text: str, part: str, role: str, column: str | None) -
                    else _load_samples(path_text, part, output_column=column))
         return samples.prompt if role == "prompt" else samples.output
     if not path.is_file():
-        raise FileNotFoundError(f"{part!r}: no such file {path_text!r}")
+        raise FileNotFoundError(f"{_q(part)}: no such file {_q(path_text)}")
     return load_column(path, column)
 
 
@@ -170,14 +187,14 @@ def split_top_level(text: str, separators: str = ",") -> list[str]:
         elif char == ")":
             depth -= 1
             if depth < 0:
-                raise WorkloadSpecError(f"unbalanced ')' in {text!r}")
+                raise WorkloadSpecError(f"unbalanced ')' in {_q(text)}")
         if char in separators and depth == 0:
             parts.append("".join(current))
             current = []
         else:
             current.append(char)
     if depth != 0:
-        raise WorkloadSpecError(f"unbalanced '(' in {text!r}")
+        raise WorkloadSpecError(f"unbalanced '(' in {_q(text)}")
     parts.append("".join(current))
     return parts
 
@@ -187,37 +204,41 @@ def parse_call(text: str) -> tuple[str, list[str]]:
     text = text.strip()
     open_at = text.find("(")
     if open_at <= 0 or not text.endswith(")"):
-        raise WorkloadSpecError(f"{text!r}: expected NAME(ARGS), e.g. uniform(lo=1;hi=10)")
+        raise WorkloadSpecError(f"{_q(text)}: expected NAME(ARGS), e.g. uniform(lo=1;hi=10)")
     name = text[:open_at].strip().lower()
     body = text[open_at + 1:-1]
     args = [a.strip() for a in split_top_level(body, ",;")] if body.strip() else []
     if any(not a for a in args):
-        raise WorkloadSpecError(f"{text!r}: empty argument")
+        raise WorkloadSpecError(f"{_q(text)}: empty argument")
     return name, args
 
 
 def parse_int(text: str, what: str) -> int:
     """An int, also written as an integral float ('1e3'); errors name `what`."""
+    what = cut(what, 160)
+    if len(text.strip().lstrip("+-")) > 30:  # no count or seed has 30 digits; keeps errors short
+        raise WorkloadSpecError(f"{what}: {shown(text)} is too large")
     try:
         return int(text)
-    except ValueError:
+    except ValueError:  # also past 4300 digits: then float() below says inf, not an integer
         pass
     try:
         value = float(text)
     except ValueError:
-        raise WorkloadSpecError(f"{what}: {text!r} is not an integer") from None
+        raise WorkloadSpecError(f"{what}: {shown(text)} is not an integer") from None
     if not value.is_integer():
-        raise WorkloadSpecError(f"{what}: {text!r} is not an integer")
+        raise WorkloadSpecError(f"{what}: {shown(text)} is not an integer")
     return int(value)
 
 
 def parse_float(text: str, what: str) -> float:
+    what = cut(what, 160)
     try:
         value = float(text)
     except ValueError:
-        raise WorkloadSpecError(f"{what}: {text!r} is not a number") from None
+        raise WorkloadSpecError(f"{what}: {shown(text)} is not a number") from None
     if not math.isfinite(value):
-        raise WorkloadSpecError(f"{what}: {text!r} is not finite")
+        raise WorkloadSpecError(f"{what}: {shown(text)} is not finite")
     return value
 
 
@@ -228,18 +249,18 @@ def parse_length(text: str, role: str = "prompt") -> LengthDistribution:
     name, args = parse_call(text)
     if name == "fixed":
         if len(args) != 1:
-            raise WorkloadSpecError(f"{text!r}: fixed takes one integer, e.g. fixed(512)")
+            raise WorkloadSpecError(f"{_q(text)}: fixed takes one integer, e.g. fixed(512)")
         value = parse_int(args[0], text)
         return _built(text, lambda: Fixed(value))
     if name == "empirical":
         if not args or "=" in args[0]:
-            raise WorkloadSpecError(f"{text!r}: empirical needs a PATH first, "
+            raise WorkloadSpecError(f"{_q(text)}: empirical needs a PATH first, "
                                     "e.g. empirical(lengths.csv;column=num_prefill_tokens)")
         column = _keyed(args[1:], text, ("column",)).get("column")
         values = _load_one_column(args[0], text, role, column)
         return _built(text, lambda: Empirical(values, text))
     if name not in _LENGTH_KEYS:
-        raise WorkloadSpecError(f"{text!r}: unknown length distribution {name!r} (use fixed, "
+        raise WorkloadSpecError(f"{_q(text)}: unknown length distribution {_q(name)} (use fixed, "
                                 "uniform, zipf, lognormal or empirical)")
     keyed = _keyed(args, text, _LENGTH_KEYS[name])
     if name == "uniform":
@@ -257,7 +278,7 @@ def parse_length(text: str, role: str = "prompt") -> LengthDistribution:
         floor = parse_int(keyed.get("min", "1"), text)
         ceiling = None if "max" not in keyed else parse_int(keyed["max"], text)
         return _built(text, lambda: LogNormal(median, sigma, floor, ceiling))
-    raise AssertionError(f"unhandled length distribution {name!r}")  # _LENGTH_KEYS is stale
+    raise AssertionError(f"unhandled length distribution {_q(name)}")  # _LENGTH_KEYS is stale
 
 
 def parse_paired(text: str) -> LengthSamples:
@@ -268,7 +289,7 @@ def parse_paired(text: str) -> LengthSamples:
         return _load_samples(text, f"paired={text}")
     _, args = parse_call(text)
     if not args or "=" in args[0]:
-        raise WorkloadSpecError(f"{text!r}: empirical needs a PATH first")
+        raise WorkloadSpecError(f"{_q(text)}: empirical needs a PATH first")
     options = _keyed(args[1:], text, ("prompt_column", "output_column"))
     return _load_samples(args[0], text, options.get("prompt_column"),
                          options.get("output_column"))
@@ -285,18 +306,18 @@ def _keyed(args: Sequence[str], part: str, allowed: Sequence[str], *,
            where: str | None = None) -> dict[str, str]:
     """KEY=VALUE arguments of `part` (keys lower-cased); errors start with `where`
     (default: the quoted part)."""
-    where = repr(part) if where is None else where
+    where = _q(part) if where is None else where
     out: dict[str, str] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         key, value = key.strip().lower(), value.strip()
         if not sep or not key or not value:
-            raise WorkloadSpecError(f"{where}: {arg!r} is not KEY=VALUE")
+            raise WorkloadSpecError(f"{where}: {_q(arg)} is not KEY=VALUE")
         if key not in allowed:
-            raise WorkloadSpecError(f"{where}: unknown key {key!r} (allowed: "
+            raise WorkloadSpecError(f"{where}: unknown key {_q(key)} (allowed: "
                                     f"{', '.join(allowed) or 'none'})")
         if key in out:
-            raise WorkloadSpecError(f"{where}: {key!r} given twice")
+            raise WorkloadSpecError(f"{where}: {_q(key)} given twice")
         out[key] = value
     return out
 
@@ -305,7 +326,7 @@ def _require(keyed: dict[str, str], part: str, keys: Sequence[str], *,
              where: str | None = None) -> None:
     missing = [k for k in keys if k not in keyed]
     if missing:
-        where = repr(part) if where is None else where
+        where = _q(part) if where is None else where
         raise WorkloadSpecError(f"{where}: missing {', '.join(missing)}")
 
 
@@ -316,31 +337,33 @@ def _built(part: str, build: Callable[[], _T]) -> _T:
     except WorkloadSpecError:
         raise
     except ValueError as error:
-        raise WorkloadSpecError(f"{part!r}: {error}") from None
+        raise WorkloadSpecError(f"{_q(part)}: {error}") from None
 
 
 def _synthetic_from_spec(body: str, spec: str, default_seed: int) -> Workload:
 
-    where = f"workload spec {spec!r}"
+    where = f"workload spec {_q(spec)}"
     options = _keyed(split_top_level(body), body, _SYNTHETIC_KEYS, where=where)
     _require(options, body, ("n", "rate"), where=where)
-    n = parse_int(options["n"], "n=" + options["n"])
-    rate = parse_float(options["rate"], "rate=" + options["rate"])
+    n = parse_int(options["n"], "n=" + cut(options["n"]))
+    rate = parse_float(options["rate"], "rate=" + cut(options["rate"]))
     arrival = options.get("arrival", "poisson").lower()
     if arrival not in ARRIVALS:
-        raise WorkloadSpecError(f"workload spec {spec!r}: arrival={arrival!r} (use "
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: arrival={_q(arrival)} (use "
                                 f"{', '.join(ARRIVALS)})")
-    cv = parse_float(options.get("cv", "1"), "cv=" + options.get("cv", "1"))
+    cv = parse_float(options.get("cv", "1"), "cv=" + cut(options.get("cv", "1")))
     if "cv" in options and arrival != "gamma":
-        raise WorkloadSpecError(f"workload spec {spec!r}: cv applies to arrival=gamma only")
-    seed = parse_int(options["seed"], "seed=" + options["seed"]) if "seed" in options \
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: cv applies to arrival=gamma only")
+    seed = parse_int(options["seed"], "seed=" + cut(options["seed"])) if "seed" in options \
         else default_seed
+    if seed < 0:
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: seed must be >= 0, got {seed}")
     paired = parse_paired(options["paired"]) if "paired" in options else None
     if paired is not None and ("prompt" in options or "output" in options):
-        raise WorkloadSpecError(f"workload spec {spec!r}: give either paired= or "
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: give either paired= or "
                                 "prompt= and output=, not both")
     if paired is None and ("prompt" not in options or "output" not in options):
-        raise WorkloadSpecError(f"workload spec {spec!r}: needs prompt= and output= "
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: needs prompt= and output= "
                                 "(or paired=)")
     prompt = parse_length(options["prompt"], "prompt") if "prompt" in options else None
     output = parse_length(options["output"], "output") if "output" in options else None
@@ -350,5 +373,5 @@ def _synthetic_from_spec(body: str, spec: str, default_seed: int) -> Workload:
     except WorkloadSpecError:
         raise
     except ValueError as error:
-        raise WorkloadSpecError(f"workload spec {spec!r}: {error}") from None
+        raise WorkloadSpecError(f"workload spec {_q(spec)}: {error}") from None
     return Workload(workload.name, workload.requests, (f"spec: {spec}", *workload.notes))

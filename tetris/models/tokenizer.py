@@ -9,10 +9,21 @@ often end turns with a token, like `<|im_end|>` or `<|eot_id|>`, named only in o
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+# Pre-tokenizers that keep every input character in some pre-token (BERT's whitespace splitting
+# drops the spaces, so a text of spaces would be any length in no tokens at all).
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Digits", "Punctuation",
+                                     "UnicodeScripts", "Split"})
+# Canonical composition folds at most 4 code points into one (the longest canonical
+# decomposition in Unicode is 4), so NFC/NFKC text is at least a quarter of its input length.
+_COMPOSING = frozenset({"NFC", "NFKC"})
+_LENGTH_KEEPING_NORMALIZERS = frozenset({"NFD", "NFKD", "Lowercase", "Prepend"})
 
 
 def _ids(value: Any) -> list[int]:
@@ -28,6 +39,42 @@ def _json_eos_ids(path: Path) -> list[int]:
         return _ids(json.loads(path.read_text()).get("eos_token_id"))
     except (OSError, ValueError, TypeError, AttributeError):
         return []  # a malformed optional file only loses its extra stop ids
+
+
+def _normalizer_shrink(spec: dict[str, Any] | None) -> int | None:
+    """How many input characters may become one normalized character (None: unbounded, e.g. a
+    normalizer that deletes control characters, such as BERT's or SentencePiece's)."""
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in spec.get("normalizers", []):
+            shrink = _normalizer_shrink(part)
+            if shrink is None:
+                return None
+            factor *= shrink
+        return factor
+    if kind in _COMPOSING:
+        return 4
+    if kind in _LENGTH_KEEPING_NORMALIZERS:
+        return 1
+    if kind == "Replace":
+        pattern, content = spec.get("pattern", {}), spec.get("content", "")
+        if "String" not in pattern or not content:
+            return None  # a regex, or a deletion, may shrink a text without bound
+        return math.ceil(len(pattern["String"]) / len(content))
+    return None
+
+
+def _pre_tokenizer_keeps_text(spec: dict[str, Any] | None) -> bool:
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_pre_tokenizer_keeps_text(p) for p in spec.get("pretokenizers", []))
+    if spec.get("type") == "Split" and spec.get("behavior") == "Removed":
+        return False
+    return spec.get("type") in _KEEPING_PRE_TOKENIZERS
 
 
 class Tokenizer:
@@ -52,6 +99,29 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """An upper bound on the input characters one token stands for, or None where this
+        tokenizer has none. A text longer than context × this cannot fit in the context however
+        it is tokenized, so the daemon refuses it without spending the time to tokenize it.
+
+        The longest vocabulary entry bounds it: byte-level BPE spells each byte as one
+        character, so an entry's length is its byte length, at least what it decodes to; other
+        models spell the text itself, plus markers. Normalization that composes characters
+        multiplies that; a normalizer or pre-tokenizer that deletes text, or an unknown token
+        that may stand for any run of unknown characters, leaves no bound."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return None  # a slow tokenizer: its normalization cannot be inspected
+        config = json.loads(backend.to_str())
+        model = config.get("model", {})
+        if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+            return None
+        shrink = _normalizer_shrink(config.get("normalizer"))
+        if shrink is None or not _pre_tokenizer_keeps_text(config.get("pre_tokenizer")):
+            return None
+        return shrink * max(len(token) for token in self.hf.get_vocab())
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])

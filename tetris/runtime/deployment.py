@@ -32,6 +32,7 @@ class Deployment:
     pool: WorkerPool
     engine: Engine
     metrics: ServingMetrics
+    tokenizer: Tokenizer
 
     def shutdown(self) -> None:
         self.pool.shutdown(self.ray)
@@ -128,4 +129,5 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
     engine = Engine(RayInstances(workers.ray, workers.pool), tokenizer, name,
                     model.config.max_position_embeddings, model.config.vocab_size, cost_model,
                     options, metrics)
-    return Deployment(config, model_dir, device, workers.ray, workers.pool, engine, metrics)
+    return Deployment(config, model_dir, device, workers.ray, workers.pool, engine, metrics,
+                      tokenizer)

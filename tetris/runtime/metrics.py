@@ -60,6 +60,14 @@ class ServingMetrics:
                                   "redone on the survivors.", registry=self.registry)
         self._live = Gauge("tetris:instances_live", "Instances serving, by role.", ["role"],
                            registry=self.registry)
+        # The HTTP layer's own view: what clients were answered, and why they were refused.
+        self._responses = Counter("tetris:http_responses_total",
+                                  "HTTP responses sent, by status code.", ["code"],
+                                  registry=self.registry)
+        self._rejected = Counter("tetris:request_rejected_total",
+                                 "Requests refused with a 4xx or 5xx error, by reason (the "
+                                 "error's code, else its type).", ["reason"],
+                                 registry=self.registry)
 
     def instance_lost(self, role: str) -> None:
         self._lost.labels(role=role).inc()
@@ -69,6 +77,12 @@ class ServingMetrics:
 
     def set_instances_live(self, role: str, live: int) -> None:
         self._live.labels(role=role).set(live)
+
+    def http_response(self, status: int) -> None:
+        self._responses.labels(code=str(status)).inc()
+
+    def request_rejected(self, reason: str) -> None:
+        self._rejected.labels(reason=reason).inc()
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(_duration(seconds))

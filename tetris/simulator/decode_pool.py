@@ -11,13 +11,17 @@ runs out of memory mid-decode (no preemption to model). A request whose KV
 does not fit on one instance is split by the dispatcher (decode SP > 1): every instance holding a
 share counts it in its batch and KV reads, and the lead instance's steps produce its tokens
 (the non-lead instances' partial attention is assumed to overlap with the lead's step).
+
+Failures (`tetris.simulator.failures`): `abort` takes requests out wherever they are here (queue,
+KV in flight, batches), `lose_instance` stops a lost instance's step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from tetris.simulator.events import PRIORITY_COMPLETE, EventQueue
+from tetris.simulator.events import PRIORITY_COMPLETE, Event, EventQueue
 from tetris.simulator.noise import DurationNoise
 from tetris.simulator.records import RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
@@ -33,6 +37,8 @@ class _Seq:
     record: RequestRecord
     remaining: int
     placement: Placement
+    prefill_tokens: int  # KV it arrives with: its prompt (plus earlier tokens, if redone)
+    tokens: int  # tokens it decodes here
 
 
 @dataclass(slots=True)
@@ -95,21 +101,24 @@ class DecodePool:
         self.require_fits(request)
         self.waiting[request.request_id] = record
         self.queue.submit(request.request_id, request.prompt_tokens + request.output_tokens)
-        self._dispatch(now)
+        self.dispatch(now)
 
-    def _dispatch(self, now: float) -> None:
+    def dispatch(self, now: float) -> None:
+        """Place waiting requests, first come first served, while the head fits."""
         while (placed := self.queue.place_head(self.ledger.decode_loads())) is not None:
             rid, placement = placed
             self.queue.pop()
             record = self.waiting.pop(rid)
-            request = record.request
-            self.ledger.decode_begin(rid, placement.instances, placement.shares)
+            entry = self.ledger.decode_begin(rid, placement.instances, placement.shares)
             record.decode_instances = placement.instances
+            # The ledger's prompt, not the request's: a redone request re-prefilled its
+            # earlier output tokens too.
             transfer = self.cost_model.kv_transfer_seconds(
-                request.prompt_tokens, cross_node=self.kv_cross_node
+                entry.prompt_tokens, cross_node=self.kv_cross_node
             )
             record.kv_transfer_s = transfer
-            seq = _Seq(record, request.output_tokens - len(record.token_times), placement)
+            tokens = record.request.output_tokens - len(record.token_times)
+            seq = _Seq(record, tokens, placement, entry.prompt_tokens, tokens)
             self.events.push(now + transfer, PRIORITY_COMPLETE, KV_ARRIVE, seq)
 
     def handle(self, kind: str, payload: object, now: float) -> None:
@@ -122,13 +131,12 @@ class DecodePool:
 
     def _arrive(self, seq: _Seq, now: float) -> None:
         self.ledger.kv_moved(seq.record.request_id)
-        prompt = seq.record.request.prompt_tokens
+        total = max(1, seq.record.request.prompt_tokens + seq.record.request.output_tokens)
         for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
             inst = self.instances[g]
             inst.incoming.append(seq)
             # The KV read by each step is the prompt share now, growing by one per token.
-            inst.kv_tokens += share * prompt // max(1, seq.record.request.prompt_tokens +
-                                                    seq.record.request.output_tokens)
+            inst.kv_tokens += share * seq.prefill_tokens // total
             if not inst.stepping:
                 self._start_step(g, now)
 
@@ -161,25 +169,58 @@ class DecodePool:
             if seq.remaining == 0:
                 finished.append(seq)
         for seq in finished:
-            self._release(seq, g)
+            self.ledger.release(seq.record.request_id)
+            self._detach(seq)
         if finished:
-            self._dispatch(now)
+            self.dispatch(now)
         self._start_step(g, now)
 
-    def _release(self, seq: _Seq, lead: int) -> None:
-        self.ledger.release(seq.record.request_id)
+    def _detach(self, seq: _Seq) -> None:
+        """Take `seq` and the KV it holds off every instance it spans."""
         request = seq.record.request
-        total = request.prompt_tokens + request.output_tokens
+        total = max(1, request.prompt_tokens + request.output_tokens)
+        lead = seq.placement.instances[0]
         for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
             inst = self.instances[g]
             if seq in inst.active:
                 inst.active.remove(seq)
             else:  # a non-lead instance that has not stepped since the KV arrived
                 inst.incoming.remove(seq)
-            inst.kv_tokens -= share * request.prompt_tokens // max(1, total)
-            if g == lead:
-                inst.kv_tokens -= request.output_tokens - 1
+            inst.kv_tokens -= share * seq.prefill_tokens // total
+            if g == lead:  # one KV token per token it decoded
+                inst.kv_tokens -= seq.tokens - seq.remaining
             # A non-lead instance may now have nothing left to step: it stops at its step end.
+
+    # -- failures -------------------------------------------------------------------------------
+    def abort(self, request_ids: Collection[str]) -> None:
+        """Take these requests out of the pool wherever they are — waiting for room, their KV
+        in flight (the transfer ends, failed, in the ledger) or decoding — so that the ledger
+        may redo them."""
+        for rid in request_ids:
+            if self.queue.remove(rid):
+                del self.waiting[rid]
+
+        def moving(e: Event) -> bool:
+            return e[3] == KV_ARRIVE and e[4].record.request_id in request_ids
+
+        for event in self.events.cancel(moving):
+            self.ledger.kv_moved(event[4].record.request_id)
+        seen: dict[int, _Seq] = {}
+        for inst in self.instances:
+            for seq in (*inst.active, *inst.incoming):
+                if seq.record.request_id in request_ids:
+                    seen[id(seq)] = seq
+        for seq in seen.values():
+            self._detach(seq)
+
+    def lose_instance(self, g: int) -> None:
+        """Decode instance `g` is gone: its step in progress never ends (its requests are
+        aborted by the caller), and it steps again only once something arrives on it."""
+        def its_step(e: Event) -> bool:
+            return e[3] == DECODE_STEP and e[4] == g
+
+        self.events.cancel(its_step)
+        self.instances[g].stepping = False
 
     def idle(self) -> bool:
         return not self.waiting and all(

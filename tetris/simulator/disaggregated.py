@@ -16,6 +16,9 @@ prefill instance, or no request between chunks.
 The planner sees planned durations; the simulator runs the noisy ones. An instance whose chunk
 overran its plan is shown to the planner as busy until just after now, so nothing is ever
 launched on a running instance (the ledger checks every launch).
+
+Instance failures (`SimOptions.outages`) are events of their own, handled by `failures`; a run
+without any schedules none, so its loop does no failure work.
 """
 
 from __future__ import annotations
@@ -27,28 +30,31 @@ from dataclasses import dataclass
 
 from tetris.simulator.decode_pool import DecodePool
 from tetris.simulator.events import (
+    ARRIVAL,
+    CHUNK_END,
+    DECIDE,
     PRIORITY_ARRIVAL,
     PRIORITY_COMPLETE,
     PRIORITY_DECIDE,
     EventQueue,
 )
+from tetris.simulator.failures import FAILURE, FailureInjector
 from tetris.simulator.noise import DurationNoise
-from tetris.simulator.records import ChunkRecord, RequestRecord, SimOutcome, SimRequest
+from tetris.simulator.records import ChunkRecord, Outage, RequestRecord, SimOutcome, SimRequest
 from tetris.solver.cost_model import CostModel
 from tetris.solver.policy.ledger import Ledger
+from tetris.solver.policy.registry import widest_group
 from tetris.solver.policy.view import Launch, PrefillPolicy
-
-ARRIVAL = "arrival"
-CHUNK_END = "chunk_end"
-DECIDE = "decide"
 
 
 @dataclass(frozen=True)
 class SimOptions:
-    """How the simulated cluster behaves (the policy's own settings are `policy.settings`)."""
+    """How the simulated cluster behaves (the policy's own settings are `policy.settings`);
+    `outages`: instance failures to live through (`failures.FailureSpec.outages`)."""
 
     seed: int = 0
     noise_cv: float = 0.0
+    outages: tuple[Outage, ...] = ()
 
 
 def check_fits(requests: Sequence[SimRequest], cost_model: CostModel, prefill_sp: int,
@@ -82,7 +88,9 @@ class DisaggregatedSimulator:
                                  DurationNoise(opts.noise_cv, opts.seed + 1),
                                  max_batch=settings.decode_max_batch,
                                  max_sp=settings.decode_max_sp)
-        check_fits(requests, cost_model, settings.max_sp or self.num_prefill, self.decode)
+        check_fits(requests, cost_model, widest_group(policy.name, settings, self.num_prefill),
+                   self.decode)
+        self.outages = opts.outages
         self.records = [RequestRecord(r) for r in requests]
         self.by_id = {r.request_id: rec for r, rec in zip(requests, self.records, strict=True)}
         if len(self.by_id) != len(requests):
@@ -93,12 +101,16 @@ class DisaggregatedSimulator:
             "events": 0, "decisions": 0, "decisions_skipped": 0, "plans_validated": 0,
             "chunks": 0, "solver_s": 0.0,
         }
+        self.failures = FailureInjector(self, requests, opts.outages) if opts.outages else None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SimOutcome:
         started = time.perf_counter()
         for rec in self.records:
             self.events.push(rec.request.arrival_s, PRIORITY_ARRIVAL, ARRIVAL, rec)
+        failures = self.failures
+        if failures is not None:
+            failures.schedule()
         events = 0
         now = 0.0
         while self.events:
@@ -107,18 +119,24 @@ class DisaggregatedSimulator:
             if kind == ARRIVAL:
                 r = payload.request
                 self.ledger.arrive(r.request_id, r.arrival_s, r.prompt_tokens, r.ttft_slo_s)
-                self._want_decision(now)
+                self.want_decision(now)
             elif kind == CHUNK_END:
                 self._chunk_end(payload, now)
             elif kind == DECIDE:
                 self.decide_queued = False
                 self._decide(now)
+            elif kind == FAILURE:
+                assert failures is not None
+                failures.handle(payload, now)
             else:
                 self.decode.handle(kind, payload, now)
         unfinished = [rec.request_id for rec in self.records if not rec.finished]
         if unfinished:
+            lost = "" if not self.outages else (
+                f"; instances lost at the end: prefill {_indices(self.ledger.lost)}, decode "
+                f"{_indices(self.ledger.decode_lost)}")
             raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests "
-                               f"(first: {unfinished[0]!r})")
+                               f"(first: {unfinished[0]!r}){lost}")
         if not self.ledger.is_empty():
             raise RuntimeError("simulation ended with work or KV left in the ledger")
         wall = time.perf_counter() - started
@@ -133,20 +151,21 @@ class DisaggregatedSimulator:
                 self.num_prefill * now)
             self.stats["decode_busy_fraction"] = sum(
                 i.busy_s for i in self.decode.instances) / (len(self.decode.instances) * now)
-        return SimOutcome(self.policy.name, self.records, self.stats)
+        return SimOutcome(self.policy.name, self.records, self.stats, self.outages)
 
-    def _want_decision(self, now: float) -> None:
+    def want_decision(self, now: float) -> None:
         if not self.decide_queued:
             self.decide_queued = True
             self.events.push(max(now, self.scheduler_free_s), PRIORITY_DECIDE, DECIDE)
 
     def _chunk_end(self, ended: tuple[ChunkRecord, RequestRecord, float], now: float) -> None:
         chunk, record, seconds = ended
-        self.ledger.chunk_ended(record.request_id, seconds)
-        if chunk.end_token == record.request.prompt_tokens:
-            record.token_times.append(now)  # the last chunk samples the first token
+        entry, _ = self.ledger.chunk_ended(record.request_id, seconds)
+        # The ledger's prompt: a redone request re-prefills the tokens it produced too.
+        if chunk.end_token == entry.prompt_tokens:
+            record.token_times.append(now)  # the last chunk samples the next token
             self.decode.submit(record, now)
-        self._want_decision(now)
+        self.want_decision(now)
 
     # -- decisions ---------------------------------------------------------------------------
     def _decide(self, now: float) -> None:
@@ -164,7 +183,10 @@ class DisaggregatedSimulator:
         self.scheduler_free_s = launch_s
         for launch in decision.launches:
             self._launch(launch, launch_s)
-        if not decision.launches and not any(self.ledger.busy) and self.ledger.prefill:
+        # With an instance lost, launching nothing may be right (what is left cannot serve
+        # what waits until it is back).
+        if not decision.launches and not any(self.ledger.busy) and self.ledger.prefill \
+                and not any(self.ledger.lost):
             raise RuntimeError(f"{self.policy.name} launched nothing at t={now:.6f}s with every "
                                f"prefill instance idle and {len(self.ledger.prefill)} requests "
                                "pending")
@@ -181,6 +203,10 @@ class DisaggregatedSimulator:
         self.stats[key] = int(self.stats.get(key, 0)) + 1
         self.stats["chunks"] = int(self.stats["chunks"]) + 1
         self.events.push(start_s + actual, PRIORITY_COMPLETE, CHUNK_END, (chunk, record, actual))
+
+
+def _indices(flags: Sequence[bool]) -> list[int]:
+    return [i for i, flag in enumerate(flags) if flag]
 
 
 def simulate_disaggregated(requests: Sequence[SimRequest], policy: PrefillPolicy,

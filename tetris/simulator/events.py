@@ -1,21 +1,32 @@
 """The simulator's event queue: a heap keyed by `(time, priority, seq)`.
 
-Events at the same time are taken in priority order — work finishing first, then arrivals, then
-scheduling decisions — so a decision sees every completion and arrival of its instant; `seq`
-(insertion order) breaks the remaining ties, which keeps runs deterministic.
+Events at the same time are taken in priority order — work finishing first, then instance
+failures and recoveries, then arrivals, then scheduling decisions — so a decision sees every
+completion, failure and arrival of its instant; `seq` (insertion order) breaks the remaining ties,
+which keeps runs deterministic.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 # Same-time order: completions free resources before arrivals join the queue, and a decision
-# runs only after both (one decision per instant, not one per event).
+# runs only after both (one decision per instant, not one per event). A chunk that ends at the
+# very instant its instance fails counts as done: failures come after completions.
 PRIORITY_COMPLETE = 0
-PRIORITY_ARRIVAL = 1
-PRIORITY_DECIDE = 2
+PRIORITY_FAILURE = 1
+PRIORITY_ARRIVAL = 2
+PRIORITY_DECIDE = 3
+
+Event = tuple[float, int, int, str, Any]
+
+# The disaggregated simulator's own kinds (the decode pool's are in `decode_pool`).
+ARRIVAL = "arrival"
+CHUNK_END = "chunk_end"
+DECIDE = "decide"
 
 
 class EventQueue:
@@ -24,7 +35,7 @@ class EventQueue:
     __slots__ = ("_heap", "_seq")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, int, str, Any]] = []
+        self._heap: list[Event] = []
         self._seq = itertools.count()
 
     def push(self, time_s: float, priority: int, kind: str, payload: Any = None) -> None:
@@ -32,8 +43,22 @@ class EventQueue:
             raise ValueError(f"event {kind!r} has time NaN")
         heapq.heappush(self._heap, (time_s, priority, next(self._seq), kind, payload))
 
-    def pop(self) -> tuple[float, int, int, str, Any]:
+    def pop(self) -> Event:
         return heapq.heappop(self._heap)
+
+    def cancel(self, matches: Callable[[Event], bool]) -> list[Event]:
+        """Remove every pending event `matches` selects and return them (in heap order).
+
+        O(events): for rare interruptions (an instance failure), so that the hot loop never
+        checks whether an event still stands."""
+        gone: list[Event] = []
+        kept: list[Event] = []
+        for e in self._heap:
+            (gone if matches(e) else kept).append(e)
+        if gone:
+            heapq.heapify(kept)
+            self._heap = kept
+        return gone
 
     def peek_time(self) -> float | None:
         return self._heap[0][0] if self._heap else None

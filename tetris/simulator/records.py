@@ -25,6 +25,17 @@ class SimRequest:
     tbt_slo_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """Instance `index` of pool `role` ("prefill" or "decode") is down from `down_s` until
+    `up_s` (None: for good), on the simulation clock."""
+
+    role: str
+    index: int
+    down_s: float
+    up_s: float | None = None
+
+
 # A chunk as executed has exactly the fields of a planned one: tokens [start_token, end_token)
 # prefilled on `instances` during [start_s, end_s) (the executed times, noise included).
 ChunkRecord = ChunkPlan
@@ -33,13 +44,19 @@ ChunkRecord = ChunkPlan
 @dataclass(slots=True)
 class RequestRecord:
     """What happened to one request. `token_times[i]` is when output token i+1 came out;
-    token 1 is the first token (its time is `first_token_s`)."""
+    token 1 is the first token (its time is `first_token_s`).
+
+    `redone` counts the times an instance failure lost its KV and its prefill started over
+    (of its prompt plus the tokens it had produced); `chunks` are the chunks of its last
+    prefill, `lost_chunks` those of the prefills lost (an aborted one ends at the failure)."""
 
     request: SimRequest
     chunks: list[ChunkRecord] = field(default_factory=list)
     token_times: array[float] = field(default_factory=lambda: array("d"))
     decode_instances: tuple[int, ...] = ()
     kv_transfer_s: float = 0.0
+    redone: int = 0
+    lost_chunks: list[ChunkRecord] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -65,9 +82,11 @@ class RequestRecord:
 
 @dataclass
 class SimOutcome:
-    """One simulation run: a record per request (input order) and run statistics
-    (`events`, `decisions`, `plans_validated`, `wall_s`, ... — numbers or short strings)."""
+    """One simulation run: a record per request (input order), run statistics (`events`,
+    `decisions`, `plans_validated`, `wall_s`, ... — numbers or short strings) and the instance
+    outages it was run under (none: a healthy cluster)."""
 
     policy: str
     records: list[RequestRecord]
     stats: dict[str, float | int | str] = field(default_factory=dict)
+    outages: tuple[Outage, ...] = ()

@@ -28,17 +28,26 @@ fitted coefficients: the honest estimate of how well the model predicts an unsee
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tetris.solver.cost_model import CostCoefficients
+from tetris.solver.input_files import (
+    InputFileError,
+    cut,
+    describe_validation,
+    read_json_object,
+    read_text,
+    shown,
+)
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -57,6 +66,8 @@ PREFILL_COEFFICIENTS: tuple[str, ...] = (
 _PRIORITY = (0, 3, 4, 5, 1, 6, 2)
 
 CSV_COLUMNS = ("tokens", "prefix", "sp", "seconds")
+#: Largest coefficient a calibration file may hold (seconds per unit): a fitted one is < 1.
+MAX_COEFFICIENT = 1e3
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f", ""}
 
@@ -123,14 +134,20 @@ class Calibration(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        """Read a saved calibration; ValueError naming the file if its content is not one."""
-        text = Path(path).read_text()
+        """Read a saved calibration; an InputFileError (a ValueError) naming the file, and the
+        line or field, if it cannot be read or is not one."""
+        data = read_json_object(path)
         try:
-            return cls.model_validate(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
+            calibration = cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(f"{path}: not a calibration file: {err}") from None
+            raise InputFileError(path, None, "not a calibration file: "
+                                 f"{describe_validation(err)}") from None
+        # JSON has no inf, but 1e308 × a token count does: keep every duration finite.
+        for name, value in calibration.coefficients.model_dump().items():
+            if not value < MAX_COEFFICIENT:
+                raise InputFileError(path, None, f"not a calibration file: coefficients.{name} "
+                                     f"must be < {MAX_COEFFICIENT:g}, got {value}")
+        return calibration
 
 
 # -- non-negative least squares ---------------------------------------------------------------
@@ -268,21 +285,21 @@ def _parse_bool(text: str) -> bool:
         return True
     if key in _FALSE:
         return False
-    raise ValueError(f"cross_node must be true/false/1/0, got {text!r}")
+    raise ValueError(f"cross_node must be true/false/1/0, got {shown(text)}")
 
 
 def read_measurements_csv(path: str | Path) -> list[Measurement]:
     """Rows of a CSV with header tokens,prefix,sp,seconds[,cross_node] (any order; other
     columns ignored; blank lines skipped). ValueError naming the file and line of a bad row."""
     rows: list[Measurement] = []
-    with Path(path).open(newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             raise ValueError(
-                f"{path}:1: header {','.join(header) or '(empty)'} lacks {','.join(missing)} "
-                f"(expected {','.join(CSV_COLUMNS)}[,cross_node])"
+                f"{path}:1: header {cut(','.join(header)) or '(empty)'} lacks "
+                f"{','.join(missing)} (expected {','.join(CSV_COLUMNS)}[,cross_node])"
             )
         reader.fieldnames = header
         for record in reader:
@@ -291,18 +308,32 @@ def read_measurements_csv(path: str | Path) -> list[Measurement]:
             if all((v or "").strip() == "" for v in values):
                 continue
             try:
-                if None in record or any(record.get(c) is None for c in CSV_COLUMNS):
-                    raise ValueError(f"expected {len(header)} fields")
-                tokens = int(record["tokens"])
-                prefix = int(record["prefix"])
-                sp = int(record["sp"])
-                seconds = float(record["seconds"])
-                cross = _parse_bool(record.get("cross_node") or "")
-                if tokens < 1 or prefix < 0 or sp < 1:
-                    raise ValueError("need tokens ≥ 1, prefix ≥ 0 and sp ≥ 1")
-                if not (math.isfinite(seconds) and seconds > 0):
-                    raise ValueError("seconds must be a positive finite number")
+                rows.append(_measurement(record, len(header)))
             except ValueError as err:
-                raise ValueError(f"{path}:{line}: bad row {values}: {err}") from None
-            rows.append(Measurement(tokens, prefix, sp, seconds, cross))
+                raise ValueError(f"{path}:{line}: bad row {cut(str(values))}: {err}") from None
+    except csv.Error as err:  # a field over csv's size limit, a quote left open at the end
+        raise InputFileError(path, reader.line_num or 1, f"not CSV: {err}") from None
     return rows
+
+
+def _measurement(record: dict[str | None, Any], fields: int) -> Measurement:
+    if None in record or any(record.get(c) is None for c in CSV_COLUMNS):
+        raise ValueError(f"expected {fields} fields")
+    tokens, prefix, sp = (int(_cell(record, c, int)) for c in ("tokens", "prefix", "sp"))
+    seconds = float(_cell(record, "seconds", float))
+    cross = _parse_bool(record.get("cross_node") or "")
+    if tokens < 1 or prefix < 0 or sp < 1:
+        raise ValueError("need tokens ≥ 1, prefix ≥ 0 and sp ≥ 1")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError("seconds must be a positive finite number")
+    return Measurement(tokens, prefix, sp, seconds, cross)
+
+
+def _cell(record: dict[str | None, Any], column: str, kind: type[int] | type[float]
+          ) -> int | float:
+    text = record[column] or ""
+    try:
+        return kind(text)
+    except ValueError:  # int() and float() quote the whole cell, however long
+        raise ValueError(f"{column} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {shown(text)}") from None

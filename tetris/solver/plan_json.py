@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tetris.solver.input_files import describe_validation
 from tetris.solver.plan import SolveResult
 from tetris.solver.problem import Problem
 
@@ -89,6 +90,35 @@ class PlanReport(BaseModel):
     @property
     def num_instances(self) -> int:
         return len(self.availability_s)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanReport:
+        # A reader draws and tabulates the chunks: an instance outside the cluster or a chunk
+        # ending before it starts would break it far from where the report came in.
+        n = self.num_instances
+        for plan in self.plans:
+            for k, c in enumerate(plan.chunks):
+                where = f"plan {plan.request_id!r} chunk {k}"
+                if c.end_token <= c.start_token:
+                    raise ValueError(f"{where}: end_token ({c.end_token}) must be > "
+                                     f"start_token ({c.start_token})")
+                if c.end_s < c.start_s:
+                    raise ValueError(f"{where}: end_s ({c.end_s}) is before start_s "
+                                     f"({c.start_s})")
+                bad = [g for g in c.instances if not 0 <= g < n]
+                if bad or len(set(c.instances)) != len(c.instances):
+                    raise ValueError(f"{where}: instances must be distinct, in [0, {n}), got "
+                                     f"{c.instances[:8]}")
+        return self
+
+
+def parse_plan_report(body: str | bytes, source: str) -> PlanReport:
+    """A plan report from its JSON text; ValueError "SOURCE: field: what is wrong" on one line
+    (invalid JSON and invalid UTF-8 included)."""
+    try:
+        return PlanReport.model_validate_json(body)
+    except ValidationError as err:
+        raise ValueError(f"{source}: {describe_validation(err)}") from None
 
 
 def _finite(x: float | None) -> float | None:

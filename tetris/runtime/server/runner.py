@@ -19,7 +19,8 @@ def _server(deployment: Deployment, log_level: str) -> Any:
     import uvicorn
 
     config = deployment.config
-    app = create_app(deployment.engine, deployment.metrics)
+    app = create_app(deployment.engine, deployment.metrics,
+                     max_token_chars=deployment.tokenizer.max_token_chars)
     return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                          log_level=log_level, lifespan="off"))
 

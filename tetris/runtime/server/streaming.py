@@ -19,9 +19,14 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tetris.runtime.engine_api import FinishReason, RequestStream, RequestSummary
-from tetris.runtime.server.errors import server_error
-from tetris.runtime.server.protocol import ApiFinish, TetrisChunk, TetrisInfo, Usage
+from tetris.runtime.engine_api import (
+    DeadlineExceeded,
+    FinishReason,
+    RequestStream,
+    RequestSummary,
+)
+from tetris.runtime.server.errors import deadline_error, internal_error
+from tetris.runtime.server.responses import ApiFinish, TetrisChunk, TetrisInfo, Usage
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +134,12 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def sse_events(relay: Relay, fmt: Format, include_usage: bool
+async def sse_events(relay: Relay, fmt: Format, include_usage: bool, request_id: str
                      ) -> AsyncGenerator[str, None]:
     """OpenAI's stream: the pieces as they come, a closing chunk (finish reason and the
     `tetris` summary), the usage chunk if asked for, then `[DONE]`. Engine errors become an
-    error event: a 200 has already gone out, so the client learns of the failure in-band."""
+    error event: a 200 has already gone out, so the client learns of the failure in-band, as
+    the request id that finds the details in the log."""
 
     def chunk(obj: dict[str, Any]) -> str:
         if not include_usage:
@@ -152,9 +158,13 @@ async def sse_events(relay: Relay, fmt: Format, include_usage: bool
         if not relay.finished:  # the iterator ended without a finish reason: it still ended
             relay.finished = True
             yield chunk(fmt.closing("stop", relay.info()))
-    except Exception as exc:
-        log.exception("engine stream failed")
-        yield sse(server_error(f"The engine failed while generating: {exc}"))
+    except DeadlineExceeded as exc:
+        yield sse(deadline_error(exc))
+        yield sse("[DONE]")
+        return
+    except Exception:
+        log.exception("engine stream failed (request id %s)", request_id)
+        yield sse(internal_error(request_id))
         yield sse("[DONE]")
         return
     if include_usage:

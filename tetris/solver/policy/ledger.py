@@ -106,10 +106,12 @@ class Ledger:
     def nothing_to_decide(self, now: float) -> bool:
         """Advance the load average; True when no chunk could start now (every prefill
         instance busy, or every request in prefill mid-chunk), so a decision is skipped."""
-        busy = sum(self.busy)
-        self.load.update(now, busy / len(self.busy))
-        return busy == len(self.busy) or all(e.running or e.release_pending
-                                             for e in self.prefill.values())
+        # A lost instance counts as neither busy nor idle: the load is the serving ones'.
+        live = [b for b, lost in zip(self.busy, self.lost, strict=True) if not lost]
+        busy = sum(live)
+        self.load.update(now, busy / len(live) if live else 1.0)
+        return busy == len(live) or all(e.running or e.release_pending
+                                        for e in self.prefill.values())
 
     def view(self, now: float) -> PrefillView:
         overrun = now + self.settings.overrun_s

@@ -36,6 +36,16 @@ def policy_for_solver(solver: str) -> str:
     raise ValueError(f"unknown solver {solver!r}: use greedy, cp or milp")
 
 
+def widest_group(name: str, settings: PolicySettings, num_prefill: int) -> int:
+    """The most prefill instances policy `name` puts one request's chunk on (its KV is spread
+    over at most that many)."""
+    if name == "static-sp":
+        return min(settings.static_sp, num_prefill)
+    if name == "distserve":
+        return min(settings.distserve_group, num_prefill)
+    return min(settings.max_sp or num_prefill, num_prefill)
+
+
 def make_policy(name: str, settings: PolicySettings, cost_model: CostModel, *,
                 clock: SolverClock = SolverClock.MODELED,
                 refine_on: Executor | None = None) -> PrefillPolicy:

@@ -65,13 +65,15 @@ class PolicySettings(BaseModel):
                                       "request's KV may span; None = all")
 
     def check_cluster(self, prefill_instances: int, policy: str | None = None) -> None:
-        """ValueError naming a setting that the cluster's prefill pool cannot honour: of
-        `policy` (a registry name), or of every policy when None."""
+        """ValueError naming a setting that the cluster's prefill pool cannot honour: the
+        shared ones (max_sp) and those of `policy` (a registry name; None: no policy chosen
+        yet, so no policy's own setting is checked — a sweep or the CLI checks each policy
+        it runs)."""
         if self.max_sp is not None and self.max_sp > prefill_instances:
             raise ValueError(f"max_sp ({self.max_sp}) exceeds the {prefill_instances} prefill "
                              "instances")
         baseline = {"static-sp": "static_sp", "distserve": "distserve_group"}
-        for name in (v for k, v in baseline.items() if policy in (None, k)):
+        for name in (v for k, v in baseline.items() if policy == k):
             value = getattr(self, name)
             if value > prefill_instances:
                 raise ValueError(f"{name} ({value}) exceeds the {prefill_instances} prefill "
