@@ -248,6 +248,47 @@ def test_bad_request_gets_its_status_and_the_daemon_keeps_serving(
     assert ok == 200 and good["usage"]["completion_tokens"] >= 1
 
 
+def rss_bytes() -> int:
+    """This process's resident memory: the daemon under test serves from a thread of it."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:"))) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.parametrize(("size", "status", "param"), [(20_000_000, 413, None),
+                                                       (5_000_000, 400, "prompt")],
+                         ids=["over-the-body-limit", "longer-than-any-tokenization"])
+def test_a_huge_prompt_is_refused_at_once_without_memory_growth(
+        served: tuple[str, Deployment], size: int, status: int, param: str | None) -> None:
+    """A 20 MB body gets a 413 and a 5 MB prompt (under the 8 MiB body limit, but longer than
+    the 8,192-token context could hold in any tokenization) a 400 naming `prompt`, each in
+    under 1 s, with this process's RSS growing by under 200 MB; the daemon serves on."""
+    url, _ = served
+    body = json.dumps({"model": MODEL, "prompt": "word " * (size // 5), "max_tokens": 2})
+    before = rss_bytes()
+    started = time.monotonic()
+    code, answer = post(url, "/v1/completions", body.encode())
+    elapsed = time.monotonic() - started
+    assert code == status and answer["error"]["param"] == param
+    assert elapsed < 1.0
+    assert rss_bytes() - before < 200 * 2**20
+    ok, _ = post(url, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "Hello", "max_tokens": 2}).encode())
+    assert ok == 200
+
+
+def test_unencodable_text_is_a_400_naming_the_field(served: tuple[str, Deployment]) -> None:
+    """A lone UTF-16 surrogate in a prompt and in chat content: 400 naming each field."""
+    url, _ = served
+    for path, body, param in (
+            ("/v1/completions", '{"model": "smollm2", "prompt": "x \\ud800 y"}', "prompt"),
+            ("/v1/chat/completions", '{"model": "smollm2", "messages": [{"role": "user", '
+             '"content": "x \\ud800 y"}]}', "messages[0].content")):
+        code, answer = post(url, path, body.encode())
+        assert code == 400 and answer["error"]["param"] == param, answer
+
+
 def test_live_plan_and_health(served: tuple[str, Deployment], tmp_path: Path) -> None:
     """/v1/tetris/plan is a valid plan report (drawn by `tetris plan --from-server`); /health
     is 200."""

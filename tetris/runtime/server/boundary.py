@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 # Enough for a 128k-token context written out in any tokenizer's worst case (a few bytes a
 # character, JSON escapes included) with room to spare; a body past it is refused unread.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# How much of a refused body is read (and dropped) so that the client can read the answer.
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_S = 2.0
 
 
 class HttpBoundary:
@@ -58,7 +62,10 @@ class HttpBoundary:
             await response(scope, receive, send_tagged)
 
         if _declared_length(scope) > self.max_body_bytes:
-            # Answered before anything reads the body; the server drops the connection's rest.
+            # Refused before anything is kept. The body is read and dropped first (bounded),
+            # since a client still writing it (urllib, most simple ones) would otherwise see a
+            # broken pipe instead of the answer.
+            await _discard_body(receive)
             await refuse(body_too_large(self.max_body_bytes))
             return
         received = 0
@@ -88,6 +95,19 @@ class HttpBoundary:
             self.metrics.request_rejected("internal_error")
             response = ErrorResponse(internal_error(rid), status_code=500)
             await response(scope, receive, send_tagged)
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Read the request's body and drop it, for at most DISCARD_BYTES or DISCARD_S."""
+    seen = 0
+    with anyio.move_on_after(DISCARD_S):
+        while seen < DISCARD_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 def _declared_length(scope: Scope) -> int:
