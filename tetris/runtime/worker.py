@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 from tetris.kernels.group import group_attention
 from tetris.models.kv_cache import KVCache, LocalAttend
@@ -43,6 +45,10 @@ from tetris.runtime.instance_pool import PrefillResult
 from tetris.runtime.kv_moves import KVMove
 from tetris.runtime.sampling import Sampler, SamplingParams
 from tetris.solver.plan import ChunkSpec
+
+# How long joining the world waits for every rank to reach the store (they all join at once,
+# after every model is loaded).
+STORE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class InstanceWorker:
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.samplers: dict[str, Sampler] = {}
         self.faults: dict[FaultPoint, Fault] = {}
+        self._listener: socket.socket | None = None  # rank 0: the store's bound socket
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Load the model and join the world (every instance calls this at once; rank 0
@@ -117,12 +124,23 @@ class InstanceWorker:
         c = self.config
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self.groups.clear()
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if c.device == "cpu":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # Measured: torch's store binds every interface whatever address it is given, so rank
+        # 0 binds the socket itself, on the rendezvous address only, and hands it over.
+        store_timeout = datetime.timedelta(seconds=max(STORE_TIMEOUT_S, c.collective_timeout_s))
+        if c.rank == 0:
+            self._listener = socket.create_server((master_addr, master_port))
+            store = TCPStore(master_addr, master_port, c.world_size, True, store_timeout,
+                                  master_listen_fd=self._listener.fileno())
+        else:
+            store = TCPStore(master_addr, master_port, c.world_size, False, store_timeout)
         backend = "nccl" if c.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, rank=c.rank, world_size=c.world_size,
+        dist.init_process_group(backend, store=store, rank=c.rank, world_size=c.world_size,
                                 timeout=self._timeout)
 
     @property
