@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from tests.live import hf_greedy as greedy_of
+from tests.live import hf_model, live_daemon
 from tetris.runtime.actors import WorkerPool
-from tetris.runtime.deployment import Deployment, deploy
+from tetris.runtime.deployment import Deployment
 from tetris.runtime.faults import Fault
 from tetris.runtime.ports import free_port
 from tetris.runtime.serve_config import SERVE_POLICY, ServeConfig
-from tetris.runtime.server.runner import ServerThread
 from tetris.solver.plan import ChunkSpec
 
 transformers = pytest.importorskip("transformers")
@@ -65,27 +65,17 @@ def served(ray_session: Any) -> Iterator[tuple[str, Deployment]]:
     config = ServeConfig(port=free_port(), prefill_instances=2, decode_instances=2,
                          kv_tokens_per_instance=4096, collective_timeout_s=TIMEOUT_S,
                          policy=SERVE_POLICY.model_copy(update={"decode_max_sp": 1}))
-    deployment = deploy(config)
-    try:
-        with ServerThread(deployment) as url:
-            yield url, deployment
-    finally:
-        deployment.shutdown()
+    with live_daemon(config) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def hf(served: tuple[str, Deployment]) -> Any:
-    torch.set_num_threads(1)
-    return transformers.AutoModelForCausalLM.from_pretrained(served[1].model_dir,
-                                                             dtype=torch.float32)
+    return hf_model(served[1].model_dir)
 
 
 def hf_greedy(hf: Any, deployment: Deployment, prompt: list[int], n: int) -> list[int]:
-    eos = sorted(deployment.engine.tokenizer.eos_ids)
-    with torch.inference_mode():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                          eos_token_id=eos, pad_token_id=eos[0])
-    return list(out[0, len(prompt):].tolist())
+    return greedy_of(hf, deployment.engine.tokenizer.eos_ids, prompt, n)
 
 
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:

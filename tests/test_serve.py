@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from tetris.runtime.deployment import Deployment, deploy
+from tests.live import hf_greedy as greedy_of
+from tests.live import hf_model, live_daemon
+from tetris.runtime.deployment import Deployment
 from tetris.runtime.ports import free_port
 from tetris.runtime.serve_config import SERVE_POLICY, ServeConfig
-from tetris.runtime.server.runner import ServerThread
 from tetris.solver.plan_json import PlanReport
 
 openai = pytest.importorskip("openai")
@@ -39,12 +39,8 @@ SHORT_CHATS = ["What is the capital of France?", "Name three colours.",
 def served(ray_session: Any) -> Iterator[tuple[str, Deployment]]:
     config = ServeConfig(port=free_port(), max_queue=MAX_QUEUE, kv_tokens_per_instance=8192,
                          policy=SERVE_POLICY.model_copy(update={"quantum_s": 0.5}))
-    deployment = deploy(config)
-    try:
-        with ServerThread(deployment) as url:
-            yield url, deployment
-    finally:
-        deployment.shutdown()
+    with live_daemon(config) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +51,11 @@ def client(served: tuple[str, Deployment]) -> Any:
 
 @pytest.fixture(scope="module")
 def hf(served: tuple[str, Deployment]) -> Any:
-    torch.set_num_threads(1)
-    return transformers.AutoModelForCausalLM.from_pretrained(served[1].model_dir,
-                                                             dtype=torch.float32)
+    return hf_model(served[1].model_dir)
 
 
 def hf_greedy(hf: Any, deployment: Deployment, prompt: list[int], max_tokens: int) -> list[int]:
-    eos = sorted(deployment.engine.tokenizer.eos_ids)
-    with torch.inference_mode():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                          eos_token_id=eos, pad_token_id=eos[0])
-    return list(out[0, len(prompt):].tolist())
+    return greedy_of(hf, deployment.engine.tokenizer.eos_ids, prompt, max_tokens)
 
 
 def chat_ids(deployment: Deployment, text: str) -> list[int]:
