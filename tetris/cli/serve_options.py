@@ -24,6 +24,7 @@ FLAGS = {
     "kv_tokens": "kv_tokens_per_instance", "max_queue": "max_queue",
     "solver": "solver", "calibration": "calibration", "hardware": "hardware",
     "request_timeout_s": "request_timeout_s", "collective_timeout_s": "collective_timeout_s",
+    "placement": "placement",
 }
 
 
@@ -34,6 +35,9 @@ def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
                    "Llama-family checkpoint directory")
     g.add_argument("--ray-address", help="join this Ray cluster (default: a private local "
                    "one on 127.0.0.1)")
+    g.add_argument("--placement", choices=["pack", "spread"], help="where Ray places the "
+                   "actors: its default packing, or spread over the nodes (the planner "
+                   "learns each actor's node either way)")
     g.add_argument("--prefill-instances", type=int, help="default 2")
     g.add_argument("--decode-instances", type=int, help="default 1")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -34,6 +34,12 @@ class _Actor(InstanceWorker):
         address, port = _rendezvous()
         return ("127.0.0.1" if local else address), port
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
 
 @dataclass
 class WorkerPool:
@@ -49,6 +55,8 @@ class WorkerPool:
     # False from an instance's loss until every rank joined a new world (`reform`): groups
     # that exist still work, new ones cannot be made (the lost rank cannot take part).
     world_intact: bool = True
+    # Node of each rank (0, 1, ... in order of first appearance), read from Ray at start.
+    nodes: tuple[int, ...] = ()
 
     @property
     def num_prefill(self) -> int:
@@ -67,16 +75,21 @@ class WorkerPool:
               *, prefill_kv_tokens: int, decode_kv_tokens: int, device: str = "cpu",
               dtype: str = "float32", threads: int = 1, local: bool = True,
               gpus_per_instance: float = 1.0,
-              collective_timeout_s: float = 600.0) -> WorkerPool:
+              collective_timeout_s: float = 600.0, spread: bool = False) -> WorkerPool:
         """Create and set up every actor (model loaded, world joined); `local`: the cluster is
         this machine, so the data plane stays on loopback. `gpus_per_instance` < 1 packs
-        several instances on one GPU (tests, small models)."""
+        several instances on one GPU (tests, small models). `spread`: place the actors on as
+        many Ray nodes as possible (Ray's SPREAD), instead of Ray's default packing."""
         if prefill_instances < 1 or decode_instances < 1:
             raise ValueError("a serving cluster needs at least one prefill and one decode "
                              "instance")
         gpu = device.startswith("cuda")
-        remote = ray.remote(num_gpus=gpus_per_instance, num_cpus=0)(_Actor) if gpu else \
-            ray.remote(num_cpus=0)(_Actor)
+        options: dict[str, Any] = {"num_cpus": 0}
+        if gpu:
+            options["num_gpus"] = gpus_per_instance
+        if spread:
+            options["scheduling_strategy"] = "SPREAD"
+        remote = ray.remote(**options)(_Actor)
         world = prefill_instances + decode_instances
         # Rank 0's address and port are only known once it is placed.
         configs = [WorkerConfig(rank=r, world_size=world, model_dir=model_dir,
@@ -96,9 +109,12 @@ class WorkerPool:
             # slowest rank, and loads on a busy host take longer than that.
             ray.get([a.load.remote() for a in actors], timeout=SETUP_TIMEOUT_S)
             ray.get(pool.reform(address, port), timeout=SETUP_TIMEOUT_S)
+            ids = ray.get([a.node_id.remote() for a in actors], timeout=SETUP_TIMEOUT_S)
         except BaseException:
             pool.shutdown(ray)
             raise
+        order = {node: k for k, node in enumerate(dict.fromkeys(ids))}
+        pool.nodes = tuple(order[node] for node in ids)
         return pool
 
     def can_group(self, ranks: tuple[int, ...]) -> bool:

@@ -93,7 +93,8 @@ def start_workers(config: ServeConfig, model: ServedModel | None = None) -> Work
                             dtype=config.dtype_on(device), threads=config.threads_per_instance,
                             local=config.ray_address in (None, "local"),
                             gpus_per_instance=config.gpus_per_instance,
-                            collective_timeout_s=config.collective_timeout_s)
+                            collective_timeout_s=config.collective_timeout_s,
+                            spread=config.placement == "spread")
     return Workers(model, device, ray, pool)
 
 
@@ -115,7 +116,7 @@ def deploy(config: ServeConfig, metrics: ServingMetrics | None = None,
             calibration, _, _ = calibrate(workers.ray, workers.pool, spec, "cpu",
                                           zero_coefficients(), QUICK_GRID, progress)
             coefficients = calibration.coefficients
-        cost_model = serving_cost_model(config, spec, device, coefficients)
+        cost_model = serving_cost_model(config, spec, device, coefficients, workers.pool.nodes)
     except BaseException:
         workers.pool.shutdown(workers.ray)
         raise

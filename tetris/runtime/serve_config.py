@@ -48,6 +48,10 @@ class ServeConfig(BaseModel):
     threads_per_instance: int = Field(default=1, ge=1)
     gpus_per_instance: float = Field(default=1.0, gt=0, le=1, description="below 1 packs "
                                      "several instances on one GPU")
+    placement: Literal["pack", "spread"] = Field(default="pack", description="with "
+                                                 "--ray-address: Ray's default placement "
+                                                 "(pack) or one actor per node in turn "
+                                                 "(spread)")
     collective_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="how long "
                                         "a rank waits in a collective for a peer before the "
                                         "call fails (bounds how long a faulty instance holds "
@@ -118,11 +122,14 @@ def configured_coefficients(config: ServeConfig, model: ModelSpec,
 
 
 def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str,
-                       coefficients: CostCoefficients | None) -> CostModel:
-    """The planners' cost model for this deployment: one node holding every instance."""
+                       coefficients: CostCoefficients | None,
+                       nodes: tuple[int, ...] | None = None) -> CostModel:
+    """The planners' cost model for this deployment: each instance on its node (`nodes`, as
+    the actors were placed; None: one node holding every instance)."""
     cluster = ClusterSpec(prefill_instances=config.prefill_instances,
                           decode_instances=config.decode_instances,
-                          gpus_per_node=config.prefill_instances + config.decode_instances)
+                          gpus_per_node=config.prefill_instances + config.decode_instances,
+                          nodes=nodes or None)
     if device == "cpu":
         if coefficients is None:
             raise ValueError(f"no calibration for {model.name} on this CPU host")

@@ -176,7 +176,7 @@ class CostModel:
 
         SP sizes whose KV share would not fit in an instance's memory are skipped; if none fits,
         memory is ignored rather than returning inf (the planners then report infeasible)."""
-        per_node = self.cluster.gpus_per_node
+        per_node = self.cluster.max_prefill_per_node
         times = [
             (-(-prompt_tokens // sp) > self.kv_capacity_tokens,
              self.chunk_seconds(prompt_tokens, 0, sp, sp > per_node))

@@ -57,7 +57,7 @@ def expand_shape(
     `_kv_room`)."""
     cm = problem.cost_model
     chunk_seconds = cm.chunk_seconds
-    per_node = cm.cluster.gpus_per_node
+    node_of = cm.cluster.prefill_node_of
     block = problem.block_tokens
     limit = max_chunks if max_chunks is not None else problem.max_chunks
     total = request.prompt_tokens
@@ -65,7 +65,7 @@ def expand_shape(
     group = list(request.kv_instances)
     if len(group) > problem.sp_limit:
         return []  # its KV already spans more instances than any chunk may use
-    nodes = {g // per_node for g in group}
+    nodes = {node_of[g] for g in group}
     cap = max(cap, len(group), 1)
     if by_free is None:
         by_free = sorted(range(len(free_s)), key=lambda g: (free_s[g], g))
@@ -89,7 +89,7 @@ def expand_shape(
         # the start, so the group is full at once, nothing can join later, and the whole rest
         # is one chunk on the first `cap` of them.
         members = tuple(waiting[:cap])
-        cross = len({g // per_node for g in members}) > 1
+        cross = len({node_of[g] for g in members}) > 1
         end_s = start + chunk_seconds(total - prefix, prefix, cap, cross)
         return [(prefix, total, members, start, end_s)]
     pool: list[int] = []  # free by `start` but not in the group
@@ -103,13 +103,13 @@ def expand_shape(
             if pool:
                 if len(pool) > cap - len(group) and nodes:
                     # Same-node instances first: a group spanning nodes pays the slower link.
-                    pool.sort(key=lambda g: (g // per_node not in nodes, free_s[g], g))
+                    pool.sort(key=lambda g: (node_of[g] not in nodes, free_s[g], g))
                 take = cap - len(group)
                 joining = pool[:take]
                 del pool[:take]
                 for g in joining:
                     group.append(g)
-                    nodes.add(g // per_node)
+                    nodes.add(node_of[g])
         grow_s = free_s[waiting[nxt]] if len(group) < cap and nxt < num_waiting else None
         breakpoint_s = grow_s
         if cuts:
