@@ -27,6 +27,7 @@ def main() -> None:
         "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
         config = ServeConfig(port=free_port(), ray_address=cluster.address, placement="spread",
                              prefill_instances=2, decode_instances=1,
                              kv_tokens_per_instance=4096,

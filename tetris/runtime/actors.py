@@ -41,6 +41,19 @@ class _Actor(InstanceWorker):
         return str(ray.get_runtime_context().get_node_id())
 
 
+def _round_robin(ray: Any, gpus: float) -> Any:
+    """rank -> a scheduling strategy putting it on the alive nodes in turn (those with the
+    GPUs it needs). Ray's own SPREAD is best effort: measured, it put all three actors of a
+    two-node test cluster on one node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes()
+                   if n["Alive"] and n.get("Resources", {}).get("GPU", 0.0) >= gpus)
+    if not nodes:
+        raise ValueError(f"no alive Ray node has {gpus:g} GPU(s) for an instance")
+    return lambda rank: NodeAffinitySchedulingStrategy(nodes[rank % len(nodes)], soft=True)
+
+
 @dataclass
 class WorkerPool:
     prefill: list[Any]
@@ -78,8 +91,8 @@ class WorkerPool:
               collective_timeout_s: float = 600.0, spread: bool = False) -> WorkerPool:
         """Create and set up every actor (model loaded, world joined); `local`: the cluster is
         this machine, so the data plane stays on loopback. `gpus_per_instance` < 1 packs
-        several instances on one GPU (tests, small models). `spread`: place the actors on as
-        many Ray nodes as possible (Ray's SPREAD), instead of Ray's default packing."""
+        several instances on one GPU (tests, small models). `spread`: rank r on the r-th alive
+        Ray node in turn, instead of Ray's default packing."""
         if prefill_instances < 1 or decode_instances < 1:
             raise ValueError("a serving cluster needs at least one prefill and one decode "
                              "instance")
@@ -87,8 +100,6 @@ class WorkerPool:
         options: dict[str, Any] = {"num_cpus": 0}
         if gpu:
             options["num_gpus"] = gpus_per_instance
-        if spread:
-            options["scheduling_strategy"] = "SPREAD"
         remote = ray.remote(**options)(_Actor)
         world = prefill_instances + decode_instances
         # Rank 0's address and port are only known once it is placed.
@@ -98,9 +109,16 @@ class WorkerPool:
                                 threads=threads, device="cuda" if gpu else device,
                                 dtype=dtype, collective_timeout_s=collective_timeout_s)
                    for r in range(world)]
-        first = remote.remote(configs[0])
+        place = _round_robin(ray, gpus_per_instance if gpu else 0.0) if spread else None
+
+        def create(config: WorkerConfig) -> Any:
+            if place is None:
+                return remote.remote(config)
+            return remote.options(scheduling_strategy=place(config.rank)).remote(config)
+
+        first = create(configs[0])
         address, port = ray.get(first.rendezvous.remote(local), timeout=SETUP_TIMEOUT_S)
-        actors = [first] + [remote.remote(c) for c in configs[1:]]
+        actors = [first] + [create(c) for c in configs[1:]]
         pool = cls(actors[:prefill_instances], actors[prefill_instances:],
                    prefill_kv_tokens, decode_kv_tokens, remote=remote, configs=configs,
                    local=local)

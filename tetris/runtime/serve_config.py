@@ -50,7 +50,7 @@ class ServeConfig(BaseModel):
                                      "several instances on one GPU")
     placement: Literal["pack", "spread"] = Field(default="pack", description="with "
                                                  "--ray-address: Ray's default placement "
-                                                 "(pack) or one actor per node in turn "
+                                                 "(pack) or rank r on the r-th node in turn "
                                                  "(spread)")
     collective_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="how long "
                                         "a rank waits in a collective for a peer before the "
