@@ -52,6 +52,7 @@ class FakePool:
     reforms: int = 0
     _unreported: list[int] = field(default_factory=list)
     _steps: dict[int, int] = field(default_factory=dict)
+    _reforming: bool = False
 
     def __post_init__(self) -> None:
         self.kv = {r: {} for r in range(self.num_prefill + self.num_decode)}
@@ -88,6 +89,9 @@ class FakePool:
     async def reform(self) -> None:
         assert not self.dead, f"reform with ranks {self.dead} still dead"
         self.calls.append("reform")
+        self._reforming = True  # any call made meanwhile fails its assertion
+        await asyncio.sleep(self.step_delay_s * 4)
+        self._reforming = False
         self.groups.clear()
         self.world_intact = True
         self.reforms += 1
@@ -106,6 +110,7 @@ class FakePool:
                       sampling: SamplingParams | None) -> list[PrefillResult | BaseException]:
         self.calls.append(f"prefill {request_id} [{chunk.start_token},{chunk.end_token}) "
                           f"{chunk.instances}")
+        assert not self._reforming, "work sent while the data plane is re-formed"
         assert len(chunk_ids) == chunk.tokens
         assert chunk.sp == 1 or chunk.instances in self.groups
         await asyncio.sleep(self.prefill_delay_s / 2)
@@ -138,6 +143,7 @@ class FakePool:
                       reserve: Sequence[int], sampling: SamplingParams,
                       sampler_state: Any) -> list[BaseException]:
         self.calls.append(f"move {request_id}")
+        assert not self._reforming, "work sent while the data plane is re-formed"
         assert sampler_state == "sampler"
         await asyncio.sleep(self.transfer_delay_s)
         ranks = sorted({m.source for m in moves} | set(dests))
@@ -154,6 +160,7 @@ class FakePool:
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
                           ) -> StepResult:
+        assert not self._reforming, "work sent while the data plane is re-formed"
         await asyncio.sleep(self.step_delay_s / 2)
         for rank in entries_by_rank:
             if rank in self.kill_in_decode:

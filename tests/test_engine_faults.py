@@ -82,3 +82,17 @@ def test_requests_holding_kv_on_a_lost_instance_are_redone_and_others_untouched(
         await until(lambda: engine.health().status == "ok")
         await settled(engine, pool)
     run(test, FakePool(prefill_delay_s=0.04))
+
+
+def test_no_work_is_sent_while_the_data_plane_is_re_formed() -> None:
+    """"a" decodes 60 tokens while idle prefill rank 1 dies: the re-forming of the world (the
+    fake pool asserts that no call arrives meanwhile) pauses decode too, and "a" still gets
+    every token exactly once."""
+    async def test(engine: Engine, pool: FakePool) -> None:
+        stream = await submit(engine, "a", 100, max_tokens=60)
+        await until(lambda: len(stream.summary.token_ids) >= 3)
+        pool.kill(1)
+        assert tokens_of(await drain(stream)) == expected(100, 60)
+        assert pool.reforms == 1 and engine.requests_recovered == 0
+        await settled(engine, pool)
+    run(test, FakePool(step_delay_s=0.01))

@@ -41,7 +41,7 @@ class DecodeRunner:
         self.queue = requests.queue
         self.now = now
         self.on_fault = on_fault
-        self.paused = False  # set by the engine while the data plane is re-formed
+        self.paused = False  # the engine's `paused`: the data plane is being re-formed
         self.stepping = False
         self.active: list[EngineRequest] = []
         self.busy_s = [0.0] * pool.num_decode

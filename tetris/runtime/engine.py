@@ -109,7 +109,6 @@ class Engine:
         self.failure: str | None = None
         self.instances_lost = 0
         self.requests_recovered = 0
-        self.paused = False  # while every rank joins a new data plane (`recovery.py`)
         self.chunks_in_flight = 0
 
     # -- EngineAPI --------------------------------------------------------------------------
@@ -192,6 +191,15 @@ class Engine:
     # -- lifecycle --------------------------------------------------------------------------
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    @property
+    def paused(self) -> bool:
+        """While every rank joins a new data plane (`recovery.py`): no new work is sent."""
+        return self.decode.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.decode.paused = value  # the decode side's own flag is the one flag
 
     @property
     def running(self) -> bool:
