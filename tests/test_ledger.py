@@ -180,3 +180,57 @@ def test_load_average_follows_the_busy_share_with_its_memory() -> None:
     book.nothing_to_decide(0.0)
     book.nothing_to_decide(30.0)  # the settings' default memory: 30 s
     assert book.load.load == pytest.approx(1 - math.exp(-1))
+
+
+def test_streaming_request_is_placed_on_decode_while_it_prefills() -> None:
+    """Placed after its first chunk, a request stays plannable in prefill, goes straight to the
+    decode book when its last chunk ends, and frees its prefill KV only at `kv_moved`."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    book.decode_begin("a", (1,), (1100,))
+    assert "a" in book.prefill and book.decode_reserved == [0, 1100]
+    assert book.view(0.1).pending[0].prefilled_tokens == 512
+    with pytest.raises(LedgerError, match="prefill is not done"):
+        book.kv_moved("a")
+    book.launch(launch("a", 512, 1000, 0, 1), 0.1, 0.1)
+    book.chunk_ended("a", 0.1)
+    assert "a" in book.decode and not book.handoff and book.kv_used == [756, 244]
+    _, released = book.kv_moved("a")
+    assert released.prefill_kv == {0: 756, 1: 244} and book.kv_used == [0, 0]
+    assert book.release("a") is not None and book.is_empty()
+
+
+def test_streaming_request_released_mid_prefill_is_freed_after_its_chunk_and_stream() -> None:
+    """Cancelled while its second chunk runs and its first chunk's KV streams: nothing is freed
+    until the chunk ends and the stream is cut (in either order)."""
+    for stream_first in (True, False):
+        book = ledger()
+        book.arrive("a", 0.0, 1000, 5.0)
+        book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+        book.chunk_ended("a", 0.1)
+        book.decode_begin("a", (0,), (1100,))
+        book.launch(launch("a", 512, 1000, 0), 0.1, 0.1)
+        assert book.release("a") is None
+        if stream_first:
+            _, released = book.kv_moved("a")
+            assert released.prefill_kv == {} and book.kv_used == [1000, 0]
+            _, dropped = book.chunk_ended("a", 0.1)
+        else:
+            _, none = book.chunk_ended("a", 0.1)
+            assert none is None and book.kv_used == [1000, 0]
+            _, dropped = book.kv_moved("a")
+        assert dropped is not None and dropped.decode_instances == (0,)
+        assert book.is_empty()
+
+
+def test_decode_loss_names_a_streaming_request_still_in_prefill() -> None:
+    """A request placed on decode instance 1 while it prefills is among that instance's
+    requests when it is lost."""
+    book = ledger()
+    book.arrive("a", 0.0, 1000, 5.0)
+    book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    book.decode_begin("a", (1,), (1100,))
+    assert book.decode_instance_lost(1) == ["a"]

@@ -8,9 +8,13 @@ ledger says how much of it is whose).
 
 A request passes through three books: `prefill` (prompt left to plan, or a chunk running),
 `handoff` (prefilled: its KV waits on its prefill instances for decode room) and `decode`
-(reserved on decode instances, its KV `moving` until the transfer is done). `release` takes it
-out of whichever it is in; while a chunk or a KV transfer of it is in flight, the release is
-deferred to that work's end, so nothing is freed under a running operation.
+(reserved on decode instances, its KV `moving` until the transfer is done). With KV streaming a
+request is placed on decode while still in `prefill` (`decode_begin` after its first chunk): its
+finished chunks' KV is copied to decode while later chunks compute (they still attend to it, so
+the prefill copy is kept until `kv_moved`), and it goes straight from `prefill` to `decode` when
+its last chunk ends. `release` takes it out of whichever book it is in; while a chunk or a KV
+transfer of it is in flight, the release is deferred to that work's end, so nothing is freed
+under a running operation.
 """
 
 from __future__ import annotations
@@ -189,10 +193,12 @@ class Ledger:
             self.busy[g] = False
             self.busy_s[g] += seconds
         if e.release_pending:
-            return e, self._drop(e)
+            # A KV stream still in flight frees it at its end (`kv_moved`).
+            return (e, None) if e.moving else (e, self._drop(e))
         if e.prefilled == e.prompt_tokens:
             del self.prefill[request_id]
-            self.handoff[request_id] = e
+            # Placed on decode while it prefilled (streaming): no handoff wait.
+            (self.handoff if e.decode is None else self.decode)[request_id] = e
         return e, None
 
     def hold(self, instances: Sequence[int], now: float) -> None:
@@ -210,15 +216,25 @@ class Ledger:
     def decode_begin(self, request_id: str, instances: tuple[int, ...],
                      reserved: tuple[int, ...], moving: bool = True) -> RequestEntry:
         """The request takes `reserved[i]` KV tokens and a batch slot on decode instance
-        `instances[i]` (the lead first); its KV is `moving` there until `kv_moved`."""
+        `instances[i]` (the lead first); its KV is `moving` there until `kv_moved`. A request
+        still in prefill (KV streaming: at least one chunk launched) stays in that book until
+        its last chunk ends."""
         e = self.handoff.pop(request_id, None)
+        streaming = e is None
         if e is None:
-            raise LedgerError(f"decode of {request_id!r}: it is not prefilled")
+            e = self.prefill.get(request_id)
+            if e is None or e.decode is not None or e.release_pending or not e.prefilled:
+                raise LedgerError(f"decode of {request_id!r}: it is neither prefilled nor "
+                                  "prefilling without a decode placement")
+            if not moving:
+                raise LedgerError(f"decode of {request_id!r}: its prefill is not done, so its "
+                                  "KV must stream")
         for j, n in zip(instances, reserved, strict=True):
             self.decode_reserved[j] += n
             self.decode_batch[j] += 1
         e.decode, e.moving = (instances, reserved), moving
-        self.decode[request_id] = e
+        if not streaming:
+            self.decode[request_id] = e
         if not moving:
             self._free_prefill_kv(e)
         return e
@@ -227,10 +243,14 @@ class Ledger:
         """The transfer ended: the prefill KV is gone (sent, or to be freed after a failure:
         `Released.prefill_kv` says where it was). A request released during the transfer
         leaves the ledger now (`Released.decode_instances` to free too)."""
-        e = self.decode.get(request_id)
+        e = self.decode.get(request_id) or self.prefill.get(request_id)
         if e is None or not e.moving:
             raise LedgerError(f"KV moved of {request_id!r}: no transfer of it is in flight")
+        if request_id in self.prefill and not e.release_pending:
+            raise LedgerError(f"KV moved of {request_id!r}: its prefill is not done")
         e.moving = False
+        if e.running:  # released mid-prefill, its stream cut short: the chunk's end frees it
+            return e, Released(request_id, {}, ())
         held = self._free_prefill_kv(e)
         if e.release_pending:
             return e, replace(self._drop(e), prefill_kv=held)
@@ -282,7 +302,7 @@ class Ledger:
         """Decode instance `instance` is gone: nothing more is placed on it, and the requests
         decoding there (or moving their KV there) are returned."""
         self.decode_lost[instance] = True
-        return [e.request_id for e in self.decode.values()
+        return [e.request_id for book in (self.prefill, self.decode) for e in book.values()
                 if e.decode is not None and instance in e.decode[0]]
 
     def instance_back(self, instance: int) -> None:
