@@ -20,6 +20,7 @@ from tetris.solver.calibration import (
     fit_coefficients,
     nnls,
     read_measurements_csv,
+    row_regime,
 )
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostCoefficients, CostModel
@@ -49,10 +50,23 @@ def grid_rows(cm: CostModel = TRUE) -> list[Measurement]:
 
 
 def test_features_reproduce_chunk_seconds() -> None:
-    """chunk_features · coefficients equals CostModel.chunk_seconds on the whole grid."""
+    """chunk_features · coefficients equals CostModel.chunk_seconds on the whole grid: the
+    larger of the compute and transfer pieces with overlap, the additive row without."""
     co = TRUE.coefficients
     theta = np.array([getattr(co, k) for k in PREFILL_COEFFICIENTS])
+    regimes = set()
     for r in grid_rows():
+        args = (r.tokens, r.prefix, r.sp, r.cross_node)
+        pieces = [float(np.array(chunk_features(*args, regime=g)) @ theta)
+                  for g in ("compute", "transfer")]
+        assert max(pieces) == pytest.approx(r.seconds, rel=1e-12)
+        regime = row_regime(theta, r, True)
+        regimes.add(regime if r.sp > 1 else "one")
+        assert float(np.array(chunk_features(*args, regime=regime)) @ theta) == pytest.approx(
+            r.seconds, rel=1e-12)
+    assert regimes == {"one", "compute", "transfer"}  # the grid exercises both pieces
+    additive = CostModel(MODEL, HW, CLUSTER, co.model_copy(update={"ring_overlap": False}))
+    for r in grid_rows(additive):
         f = np.array(chunk_features(r.tokens, r.prefix, r.sp, r.cross_node))
         assert float(f @ theta) == pytest.approx(r.seconds, rel=1e-12)
     # sp == 1 uses the intra columns (all zero) even when flagged cross-node.
@@ -126,11 +140,14 @@ def test_no_cross_node_rows_keep_base_inter_coefficients() -> None:
 
 
 def test_collinear_column_is_kept_from_base() -> None:
-    """With one SP size only, (s−1) is a multiple of the constant column: step kept from base."""
-    rows = [r for r in grid_rows() if r.sp == 2 and not r.cross_node]
-    base = TRUE.coefficients.model_copy(update={"fixed_s": 1.0, "lin_s_per_token": 1.0,
-                                                "attn_s_per_pair": 1.0,
-                                                "comm_intra_s_per_token": 1.0})
+    """Without overlap and with one SP size only, (s−1) is a multiple of the constant column:
+    step kept from base. (With overlap it is 0 on compute-bound rows, so it is identified.)"""
+    additive = TRUE.coefficients.model_copy(update={"ring_overlap": False})
+    rows = [r for r in grid_rows(CostModel(MODEL, HW, CLUSTER, additive))
+            if r.sp == 2 and not r.cross_node]
+    base = additive.model_copy(update={"fixed_s": 1.0, "lin_s_per_token": 1.0,
+                                       "attn_s_per_pair": 1.0,
+                                       "comm_intra_s_per_token": 1.0})
     fitted, report = fit_coefficients(rows, base)
     assert "step_intra_s" in report.fixed_from_base
     assert "fixed_s" in report.fitted

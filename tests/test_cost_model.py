@@ -46,23 +46,54 @@ def test_presets_are_physical() -> None:
 
 
 def test_hand_computed_chunk() -> None:
-    """T(100, 50, 2) for hand-made coefficients matches the formula worked by hand."""
+    """T(100, 50, 2) for hand-made coefficients matches the formula worked by hand, with and
+    without ring overlap."""
     co = CostCoefficients(
         fixed_s=1.0, step_intra_s=0.1, step_inter_s=0.5, lin_s_per_token=0.01,
         attn_s_per_pair=1e-4, comm_intra_s_per_token=1e-3, comm_inter_s_per_token=1e-2,
         decode_fixed_s=0.0, decode_kv_s_per_token=0.0,
     )
     cm = CostModel(MODEL_PRESETS["llama3-8b"], HARDWARE_PRESETS["h100"], CLUSTER, co)
-    # pairs = c·p + c(c+1)/2 = 100·50 + 100·101/2 = 5000 + 5050 = 10050
-    # intra: 1 + 0.1·(2−1) + (0.01·100 + 1e-4·10050 + 1e-3·(50+100)·(2−1)) / 2
-    #      = 1.1 + (1 + 1.005 + 0.15) / 2 = 1.1 + 1.0775 = 2.1775
-    assert cm.chunk_seconds(100, 50, 2) == pytest.approx(2.1775, rel=1e-12)
-    # inter: 1 + 0.5·1 + (1 + 1.005 + 1e-2·150) / 2 = 1.5 + 3.505 / 2 = 3.2525
-    assert cm.chunk_seconds(100, 50, 2, cross_node=True) == pytest.approx(3.2525, rel=1e-12)
+    # pairs = c·p + c(c+1)/2 = 100·50 + 100·101/2 = 10050; per rank per step a = 1e-4·10050/4
+    # = 0.25125; the dense part 1 + 0.01·100/2 = 1.5.
+    # intra: t = 1e-3·150/2 + 0.1 = 0.175 < a (compute-bound): 1.5 + 0.25125 + 0.25125 = 2.0025
+    assert cm.chunk_seconds(100, 50, 2) == pytest.approx(2.0025, rel=1e-12)
+    # inter: t = 1e-2·150/2 + 0.5 = 1.25 > a (transfer-bound): 1.5 + 0.25125 + 1.25 = 3.00125
+    assert cm.chunk_seconds(100, 50, 2, cross_node=True) == pytest.approx(3.00125, rel=1e-12)
     # s = 1 never pays a link, flagged cross-node or not: 1 + 1 + 1.005 = 3.005
     assert cm.chunk_seconds(100, 50, 1, True) == cm.chunk_seconds(100, 50, 1) == pytest.approx(
         3.005, rel=1e-12
     )
+    added = CostModel(cm.model, cm.hardware, CLUSTER,
+                      co.model_copy(update={"ring_overlap": False}))
+    # No overlap: 1.5 + 1e-4·10050/2 + t = 1.5 + 0.5025 + 0.175 = 2.1775 (inter: + 1.25)
+    assert added.chunk_seconds(100, 50, 2) == pytest.approx(2.1775, rel=1e-12)
+    assert added.chunk_seconds(100, 50, 2, cross_node=True) == pytest.approx(3.2525, rel=1e-12)
+
+
+def test_long_prompt_over_two_nodes_beats_one_node() -> None:
+    """LWM-7B on H100: a 256k-token prompt prefills faster on 16 GPUs over 2 nodes than on 8 of
+    one node, by the overlap rule's arithmetic."""
+    cm = MODELS[("lwm-7b-1m", "h100")]
+    co = cm.coefficients
+    c = 262144
+    pairs = c * (c + 1) / 2  # 3.436e10 causal pairs
+    dense = co.fixed_s + co.lin_s_per_token * c  # on one GPU
+    # 8 GPUs, NVLink: per step a = attn·pairs/64 ≈ 1.06e-9·3.44e10/64 ≈ 0.57 s, t = 32768 tokens
+    # · 0.5 MiB / 450 GB/s ≈ 0.038 s: compute-bound, R = 8·a = attn·pairs/8 ≈ 4.55 s.
+    a8 = co.attn_s_per_pair * pairs / 64
+    t8 = co.comm_intra_s_per_token * c / 8 + co.step_intra_s
+    assert t8 < a8
+    one_node = co.fixed_s + (dense - co.fixed_s) / 8 + 8 * a8
+    # 16 GPUs over 2 nodes: a ≈ 0.142 s, t = 16384 tokens · 0.5 MiB / 50 GB/s ≈ 0.172 s:
+    # transfer-bound, R = a + 15·t ≈ 2.72 s.
+    a16 = co.attn_s_per_pair * pairs / 256
+    t16 = co.comm_inter_s_per_token * c / 16 + co.step_inter_s
+    assert t16 > a16
+    two_nodes = co.fixed_s + (dense - co.fixed_s) / 16 + a16 + 15 * t16
+    assert cm.chunk_seconds(c, 0, 8) == pytest.approx(one_node, rel=1e-12)
+    assert cm.chunk_seconds(c, 0, 16, True) == pytest.approx(two_nodes, rel=1e-12)
+    assert 2.5 < two_nodes < 3.5 < 4.5 < one_node < 6.0
 
 
 @SETTINGS
@@ -93,11 +124,37 @@ def test_sp_speedup_at_most_s(cm: CostModel, c: int, p: int, s: int, x: bool) ->
 
 @SETTINGS
 @given(cost_models, tokens, prefixes, st.integers(min_value=2, max_value=16), links)
+def test_ring_is_the_larger_of_compute_and_transfer(
+    cm: CostModel, c: int, p: int, s: int, x: bool
+) -> None:
+    """T(c,p,s) = max(T_compute, T_transfer): the whole ring hidden behind attention, or one
+    step of attention plus s−1 transfers of a rank's KV share."""
+    co = cm.coefficients
+    step = co.step_inter_s if x else co.step_intra_s
+    comm = co.comm_inter_s_per_token if x else co.comm_intra_s_per_token
+    pairs = c * p + c * (c + 1) / 2
+    dense = co.fixed_s + co.lin_s_per_token * c / s
+    compute = dense + co.attn_s_per_pair * pairs / s
+    transfer = dense + co.attn_s_per_pair * pairs / s**2 + (s - 1) * (comm * (p + c) / s + step)
+    assert cm.chunk_seconds(c, p, s, x) == pytest.approx(max(compute, transfer), rel=1e-12)
+
+
+ADDITIVE = {
+    key: CostModel(cm.model, cm.hardware, CLUSTER,
+                   cm.coefficients.model_copy(update={"ring_overlap": False}))
+    for key, cm in MODELS.items()
+}
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(ADDITIVE)).map(ADDITIVE.__getitem__), tokens, prefixes,
+       st.integers(min_value=2, max_value=16), links)
 def test_sp_speedup_at_least_one_iff_work_covers_links(
     cm: CostModel, c: int, p: int, s: int, x: bool
 ) -> None:
-    """T(c,p,1) − T(c,p,s) = (s−1)/s·(W − s·step[x] − comm[x]·(p+c)), W = lin·c + attn·pairs,
-    so SP helps (speedup ≥ 1) exactly when W ≥ s·step[x] + comm[x]·(p+c)."""
+    """Without overlap T(c,p,1) − T(c,p,s) = (s−1)/s·(W − s·step[x] − comm[x]·(p+c)),
+    W = lin·c + attn·pairs, so SP helps (speedup ≥ 1) exactly when W ≥ s·step[x] +
+    comm[x]·(p+c)."""
     co = cm.coefficients
     step = co.step_inter_s if x else co.step_intra_s
     comm = co.comm_inter_s_per_token if x else co.comm_intra_s_per_token
@@ -125,9 +182,20 @@ def test_sp_never_hurts_large_chunks(cm: CostModel, c: int, p: int, s: int, x: b
 def test_attention_second_difference_constant(
     cm: CostModel, c: int, p: int, s: int, x: bool
 ) -> None:
-    """Δ²_c T(c,p,s) = attn_s_per_pair/s: the only term quadratic in c is causal attention."""
+    """Δ²_c T(c,p,s) = attn_s_per_pair/s when compute-bound, /s² when transfer-bound: the only
+    term quadratic in c is causal attention (three points in one regime)."""
     t0, t1, t2 = (cm.chunk_seconds(c + i, p, s, x) for i in range(3))
-    want = cm.coefficients.attn_s_per_pair / s
+    co = cm.coefficients
+    step = co.step_inter_s if x else co.step_intra_s
+    comm = co.comm_inter_s_per_token if x else co.comm_intra_s_per_token
+
+    def compute_bound(n: int) -> bool:
+        a = co.attn_s_per_pair * (n * p + n * (n + 1) / 2) / s**2
+        return a >= comm * (p + n) / s + step
+
+    regimes = {compute_bound(c + i) for i in range(3)}
+    assume(len(regimes) == 1 or s == 1)
+    want = co.attn_s_per_pair / (s if s == 1 or regimes == {True} else s * s)
     # Each T carries a rounding error of a few ulp of itself; the difference cancels the rest.
     assert t2 - 2 * t1 + t0 == pytest.approx(want, rel=1e-6, abs=16 * EPS * t2)
 

@@ -14,7 +14,7 @@ from tetris.simulator.events import (
     EventQueue,
 )
 from tetris.simulator.noise import DurationNoise
-from tetris.simulator.records import RequestRecord, SimRequest
+from tetris.simulator.records import ChunkRecord, RequestRecord, SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.plan import ChunkSpec
@@ -170,14 +170,17 @@ def test_decode_joins_at_step_boundaries() -> None:
         ledger.launch(Launch(r.request_id, ChunkSpec(0, 10, (0,))), 0.0, 0.0)
         ledger.chunk_ended(r.request_id, 0.0)
     a.token_times.append(0.0)
-    pool.submit(a, 0.0)
+    pool.chunk_ended(a, ChunkRecord(0, 10, (0,), 0.0, 0.0), True, 0.0)
     t_arrive = cm.kv_transfer_seconds(10)
-    b.token_times.append(t_arrive + 0.0005)  # first token just after a's KV arrived
+    t_b = t_arrive + 0.0005  # b's first token, just after a's KV arrived
+    b.token_times.append(t_b)
+    b_ended = False
     while events:
+        if not b_ended and (events.peek_time() or 0.0) > t_b:
+            pool.chunk_ended(b, ChunkRecord(0, 10, (0,), 0.0, t_b), True, t_b)
+            b_ended = True
         now, _, _, kind, payload = events.pop()
         pool.handle(kind, payload, now)
-        if kind == "kv_arrive" and payload.record is a:
-            pool.submit(b, now + 0.0005)
     # a: steps of 1 ms alone, then with b (2 ms) once b's KV is in.
     assert a.token_times[1] == pytest.approx(t_arrive + 0.001)
     assert b.token_times[1] == pytest.approx(a.token_times[2])

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
             hardware, base = "cpu", zero_coefficients()
         else:
             hardware = config.hardware
-            base = CostCoefficients.from_specs(workers.model.spec, load_hardware(hardware))
+            # The runtime gathers KV, then attends: what it measures has no ring overlap.
+            base = CostCoefficients.from_specs(workers.model.spec, load_hardware(hardware),
+                                               ring_overlap=False)
         calibration, decode_fit, rows = calibrate(
             workers.ray, workers.pool, workers.model.spec, hardware, base, grid,
             progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -38,6 +38,7 @@ CONFIG_FLAGS = {
     "milp_time_limit_ms": "policy.milp_time_limit_ms", "static_sp": "policy.static_sp",
     "distserve_group": "policy.distserve_group", "decode_max_batch": "policy.decode_max_batch",
     "max_planned": "policy.max_planned", "loongserve_dp": "loongserve_dp",
+    "stream_kv": "policy.stream_kv",
 }
 
 
@@ -102,6 +103,9 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distserve-group", type=positive_int, metavar="S",
                    help="distserve prefill group size (default 2)")
     g.add_argument("--decode-max-batch", type=positive_int, metavar="N", help="default 256")
+    g.add_argument("--stream-kv", action=argparse.BooleanOptionalAction, default=None,
+                   help="send each finished chunk's KV to decode while later chunks compute "
+                        "(default); --no-stream-kv: the whole prompt's KV after the last chunk")
     g.add_argument("--loongserve-dp", choices=("released", "full"),
                    help="LoongServe's batching DP as released (default) or as in its paper")
 

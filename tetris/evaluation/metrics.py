@@ -29,6 +29,8 @@ Definitions (every time in seconds; a request's tokens are `RequestRecord.token_
 - **Span** = last event (last token of any request, or last arrival if later) − first arrival.
   `goodput_rps` = requests meeting both SLOs / span; `throughput_rps` = finished requests /
   span; `output_tokens_per_s` = all output tokens produced / span.
+- **First gap** (`first_gap_*`): token 1 → token 2 of each request with two tokens or more:
+  the KV hand-off from prefill to decode plus its first decode step.
 - **Percentiles** use numpy's default (linear interpolation between order statistics).
 - Undefined values (no data, or a zero span) are `None`; counts are 0 for an empty run.
 - **Failure windows** (`failure_metrics`, runs with instance failures): every request falls in
@@ -57,7 +59,7 @@ PERCENTILES = (50.0, 90.0, 99.0)
 ROW_FIELDS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "ttft_s", "tbt_mean_s",
     "tbt_max_s", "e2e_s", "ttft_slo_s", "tbt_slo_s", "met_ttft", "met_tbt", "met_slo",
-    "chunks", "max_sp", "decode_instances", "redone",
+    "chunks", "max_sp", "decode_instances", "redone", "first_gap_s",
 )
 FAILURE_WINDOWS = ("before", "during", "after")
 
@@ -83,6 +85,9 @@ class Metrics:
     tbt_p90_s: float | None
     tbt_p99_s: float | None
     tpot_mean_s: float | None
+    first_gap_p50_s: float | None
+    first_gap_p99_s: float | None
+    first_gap_max_s: float | None
     e2e_mean_s: float | None
     e2e_p50_s: float | None
     e2e_p90_s: float | None
@@ -115,6 +120,7 @@ class _PerRequest:
     tbt_mean: FloatArray
     tbt_max: FloatArray
     tbt_criterion: FloatArray
+    first_gap: FloatArray
     e2e: FloatArray
     started: BoolArray
     finished: BoolArray
@@ -137,6 +143,9 @@ def compute_metrics(records: Sequence[RequestRecord], *, tbt_criterion: str = "m
     # Guard a degenerate 0-token request (finished once it produced anything).
     norm = _stats(e2e_values / np.maximum(per.output_tokens[per.finished], 1))
     tpot = per.tbt_mean[per.produced >= 2]
+    first_gap = per.first_gap[per.produced >= 2]
+    gap_stats = (float(np.percentile(first_gap, 50)), float(np.percentile(first_gap, 99)),
+                 float(first_gap.max())) if first_gap.size else (None, None, None)
 
     span = None
     if n and per.last_token is not None:
@@ -157,6 +166,8 @@ def compute_metrics(records: Sequence[RequestRecord], *, tbt_criterion: str = "m
         ttft_mean_s=ttft[0], ttft_p50_s=ttft[1], ttft_p90_s=ttft[2], ttft_p99_s=ttft[3],
         tbt_mean_s=tbt[0], tbt_p50_s=tbt[1], tbt_p90_s=tbt[2], tbt_p99_s=tbt[3],
         tpot_mean_s=float(tpot.mean()) if tpot.size else None,
+        first_gap_p50_s=gap_stats[0], first_gap_p99_s=gap_stats[1],
+        first_gap_max_s=gap_stats[2],
         e2e_mean_s=e2e[0], e2e_p50_s=e2e[1], e2e_p90_s=e2e[2], e2e_p99_s=e2e[3],
         normalized_latency_mean_s_per_token=norm[0],
         normalized_latency_p50_s_per_token=norm[1],
@@ -199,6 +210,7 @@ def per_request_rows(
             "max_sp": max((len(c.instances) for c in rec.chunks), default=0),
             "decode_instances": ";".join(str(g) for g in rec.decode_instances),
             "redone": rec.redone,
+            "first_gap_s": _opt(per.first_gap[i]),
         })
     return rows
 
@@ -297,6 +309,8 @@ def _per_request(records: Sequence[RequestRecord], tbt_criterion: str) -> _PerRe
     has_gaps = n_gaps >= 1
     gap_starts = (np.cumsum(n_gaps) - n_gaps)[has_gaps]
 
+    first_gap = np.full(n, np.nan)
+    first_gap[has_gaps] = times[starts[has_gaps] + 1] - first[has_gaps]
     tbt_mean = np.full(n, np.nan)
     tbt_mean[has_gaps] = (last[has_gaps] - first[has_gaps]) / n_gaps[has_gaps]
     tbt_max = np.full(n, np.nan)
@@ -319,7 +333,8 @@ def _per_request(records: Sequence[RequestRecord], tbt_criterion: str) -> _PerRe
     met_tbt = finished & (~has_gaps | (criterion <= tbt_slo))
     return _PerRequest(
         arrival=arrival, output_tokens=output_tokens, produced=produced, ttft=ttft,
-        tbt_mean=tbt_mean, tbt_max=tbt_max, tbt_criterion=criterion, e2e=e2e,
+        tbt_mean=tbt_mean, tbt_max=tbt_max, tbt_criterion=criterion, first_gap=first_gap,
+        e2e=e2e,
         started=started, finished=finished, met_ttft=met_ttft, met_tbt=met_tbt,
         met_slo=met_ttft & met_tbt, gaps=gaps,
         last_token=float(np.nanmax(last)) if started.any() else None,

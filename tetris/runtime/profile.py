@@ -47,8 +47,10 @@ QUICK_GRID = ProfileGrid(tokens=(32, 256), prefixes=(0, 512), decode_batches=(1,
 
 def zero_coefficients() -> CostCoefficients:
     """The base of a CPU host's fit: no datasheet, so every coefficient is measured (one host:
-    the cross-node ones stay 0)."""
-    return CostCoefficients(**{name: 0.0 for name in CostCoefficients.model_fields})
+    the cross-node ones stay 0). The runtime gathers the group's KV before attending, so its
+    link time adds to compute (no ring overlap)."""
+    rates = {name: 0.0 for name in CostCoefficients.model_fields if name != "ring_overlap"}
+    return CostCoefficients(**rates, ring_overlap=False)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,13 @@
-"""Simulated decode instances: continuous batching under a KV-memory limit.
+"""Simulated decode instances: KV hand-off over the network, continuous batching under a
+KV-memory limit.
+
+Hand-off (`network.Network`): every rank of a chunk's group sends the KV it computed over its
+own link, in parallel, to the request's decode instance(s). With `stream` the request is queued
+for decode when its first chunk ends; once placed, every finished chunk's KV is sent at once
+(later chunks keep computing: a transfer never blocks prefill), so only the tail is exposed
+after the last chunk. Without `stream` the request is queued after its last chunk and all of its
+KV leaves then. The request joins its decode instance when the last chunk has ended and its last
+transfer has arrived; `RequestRecord.kv_transfer_s` is that wait after the first token.
 
 Each decode instance runs back-to-back steps; one step gives every sequence it leads one token
 and lasts `cost_model.decode_step_seconds(batch, kv_tokens)` (memory-bound: the weights plus all
@@ -22,14 +31,15 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from tetris.simulator.events import PRIORITY_COMPLETE, Event, EventQueue
+from tetris.simulator.network import KV_SENT, Network, Transfer
 from tetris.simulator.noise import DurationNoise
-from tetris.simulator.records import RequestRecord, SimRequest
+from tetris.simulator.records import ChunkRecord, RequestRecord, SimRequest
 from tetris.solver.cost_model import CostModel
+from tetris.solver.plan import ChunkSpec
 from tetris.solver.policy.dispatch import DecodeQueue, Placement
 from tetris.solver.policy.ledger import Ledger
 
 DECODE_STEP = "decode_step"
-KV_ARRIVE = "kv_arrive"
 
 
 @dataclass(slots=True, eq=False)  # identity: list.remove must find this very sequence
@@ -39,6 +49,17 @@ class _Seq:
     placement: Placement
     prefill_tokens: int  # KV it arrives with: its prompt (plus earlier tokens, if redone)
     tokens: int  # tokens it decodes here
+
+
+@dataclass(slots=True, eq=False)
+class _Handoff:
+    """One request on its way from prefill to decode."""
+
+    record: RequestRecord
+    placement: Placement | None = None
+    unsent: dict[int, int] = field(default_factory=dict)  # prefill instance -> KV tokens
+    in_flight: set[Transfer] = field(default_factory=set)
+    prefill_end_s: float | None = None  # its last chunk's end: the first token is out
 
 
 @dataclass(slots=True)
@@ -63,7 +84,7 @@ class DecodePool:
         *,
         max_batch: int = 256,
         max_sp: int | None = None,
-        kv_cross_node: bool = True,
+        stream: bool = True,
     ) -> None:
         num_instances = len(ledger.decode_reserved)
         if num_instances <= 0:
@@ -76,8 +97,11 @@ class DecodePool:
         self.noise = noise
         self.max_sp = num_instances if max_sp is None else max_sp
         self.queue = DecodeQueue(self.capacity, max_batch, self.max_sp)
-        self.kv_cross_node = kv_cross_node
-        self.waiting: dict[str, RequestRecord] = {}
+        self.network = Network(cost_model.cluster, cost_model.hardware, events)
+        self.stream = stream
+        self.num_prefill = cost_model.cluster.prefill_instances
+        self.kv_bytes = cost_model.model.kv_bytes_per_token
+        self.handoffs: dict[str, _Handoff] = {}
         self.steps = 0
         self.tokens = 0
 
@@ -92,45 +116,97 @@ class DecodePool:
                 f"instance(s) ({self.capacity} tokens each)"
             )
 
-    def submit(self, record: RequestRecord, now: float) -> None:
-        """The request's first token is out (its prefill ended at `now`): move its KV here."""
-        if record.finished:
-            self.ledger.release(record.request_id)  # a one-token answer never decodes
-            return
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def chunk_ended(self, record: RequestRecord, chunk: ChunkRecord, last: bool,
+                    now: float) -> None:
+        """A chunk of the request ended at `now` (`last`: its first token is out). Its KV goes
+        to decode now if the request is placed, else once it is."""
+        rid = record.request_id
+        h = self.handoffs.get(rid)
+        if h is None:
+            # The last chunk samples one token: a request decodes if more are left after it.
+            decodes = not record.finished if last else \
+                record.request.output_tokens - len(record.token_times) > 1
+            if not decodes:
+                if last:  # a one-token answer (or a redo with one token left) is done
+                    self.ledger.release(rid)
+                return
+            h = self.handoffs[rid] = _Handoff(record)
+        if h.placement is None and rid not in self.queue and (self.stream or last):
+            self._submit(record)
+        shares = ChunkSpec(chunk.start_token, chunk.end_token, chunk.instances).kv_shares()
+        if h.placement is None:
+            for g, n in shares.items():
+                h.unsent[g] = h.unsent.get(g, 0) + n
+        else:
+            self._send(h, shares, now)
+        if last:
+            h.prefill_end_s = now
+            self._maybe_arrive(h, now)
+        self.dispatch(now)
+
+    def _submit(self, record: RequestRecord) -> None:
         request = record.request
         self.require_fits(request)
-        self.waiting[request.request_id] = record
         self.queue.submit(request.request_id, request.prompt_tokens + request.output_tokens)
-        self.dispatch(now)
 
     def dispatch(self, now: float) -> None:
         """Place waiting requests, first come first served, while the head fits."""
         while (placed := self.queue.place_head(self.ledger.decode_loads())) is not None:
             rid, placement = placed
             self.queue.pop()
-            record = self.waiting.pop(rid)
-            entry = self.ledger.decode_begin(rid, placement.instances, placement.shares)
-            record.decode_instances = placement.instances
-            # The ledger's prompt, not the request's: a redone request re-prefilled its
-            # earlier output tokens too.
-            transfer = self.cost_model.kv_transfer_seconds(
-                entry.prompt_tokens, cross_node=self.kv_cross_node
-            )
-            record.kv_transfer_s = transfer
-            tokens = record.request.output_tokens - len(record.token_times)
-            seq = _Seq(record, tokens, placement, entry.prompt_tokens, tokens)
-            self.events.push(now + transfer, PRIORITY_COMPLETE, KV_ARRIVE, seq)
+            h = self.handoffs[rid]
+            self.ledger.decode_begin(rid, placement.instances, placement.shares)
+            h.record.decode_instances = placement.instances
+            h.placement = placement
+            unsent, h.unsent = h.unsent, {}
+            self._send(h, unsent, now)
+            self._maybe_arrive(h, now)
+
+    def _send(self, h: _Handoff, shares: dict[int, int], now: float) -> None:
+        """Each prefill instance's tokens go to the decode instances in their shares."""
+        placement = h.placement
+        assert placement is not None
+        total = sum(placement.shares)
+        base = self.num_prefill
+        for g, n in shares.items():
+            left = n
+            for i, (j, share) in enumerate(zip(placement.instances, placement.shares,
+                                               strict=True)):
+                part = left if i == len(placement.shares) - 1 else n * share // total
+                left -= part
+                if part:
+                    h.in_flight.add(self.network.start(g, base + j, part * self.kv_bytes, now,
+                                                       h))
+
+    def _maybe_arrive(self, h: _Handoff, now: float) -> None:
+        if h.prefill_end_s is None or h.placement is None or h.in_flight:
+            return
+        del self.handoffs[h.record.request_id]
+        entry, _ = self.ledger.kv_moved(h.record.request_id)
+        record = h.record
+        record.kv_transfer_s = now - h.prefill_end_s
+        tokens = record.request.output_tokens - len(record.token_times)
+        # The ledger's prompt, not the request's: a redone request re-prefilled its earlier
+        # output tokens too.
+        self._arrive(_Seq(record, tokens, h.placement, entry.prompt_tokens, tokens), now)
 
     def handle(self, kind: str, payload: object, now: float) -> None:
-        if kind == KV_ARRIVE:
-            assert isinstance(payload, _Seq)
-            self._arrive(payload, now)
+        if kind == KV_SENT:
+            assert isinstance(payload, tuple)
+            done = self.network.handle(payload, now)
+            if done is not None:
+                assert isinstance(done, _Handoff)
+                done.in_flight.discard(payload[0])
+                self._maybe_arrive(done, now)
         else:
             assert isinstance(payload, int)
             self._step_end(payload, now)
 
     def _arrive(self, seq: _Seq, now: float) -> None:
-        self.ledger.kv_moved(seq.record.request_id)
         total = max(1, seq.record.request.prompt_tokens + seq.record.request.output_tokens)
         for g, share in zip(seq.placement.instances, seq.placement.shares, strict=True):
             inst = self.instances[g]
@@ -192,19 +268,20 @@ class DecodePool:
             # A non-lead instance may now have nothing left to step: it stops at its step end.
 
     # -- failures -------------------------------------------------------------------------------
-    def abort(self, request_ids: Collection[str]) -> None:
+    def abort(self, request_ids: Collection[str], now: float) -> None:
         """Take these requests out of the pool wherever they are — waiting for room, their KV
-        in flight (the transfer ends, failed, in the ledger) or decoding — so that the ledger
-        may redo them."""
+        in flight (the transfer is cut, failed, in the ledger) or decoding — so that the
+        ledger may redo them."""
         for rid in request_ids:
-            if self.queue.remove(rid):
-                del self.waiting[rid]
-
-        def moving(e: Event) -> bool:
-            return e[3] == KV_ARRIVE and e[4].record.request_id in request_ids
-
-        for event in self.events.cancel(moving):
-            self.ledger.kv_moved(event[4].record.request_id)
+            self.queue.remove(rid)
+            h = self.handoffs.pop(rid, None)
+            if h is None:
+                continue
+            for t in h.in_flight:
+                self.network.cancel(t, now)
+            h.in_flight.clear()
+            if h.placement is not None:
+                self.ledger.kv_moved(rid, failed=True)
         seen: dict[int, _Seq] = {}
         for inst in self.instances:
             for seq in (*inst.active, *inst.incoming):
@@ -223,6 +300,6 @@ class DecodePool:
         self.instances[g].stepping = False
 
     def idle(self) -> bool:
-        return not self.waiting and all(
+        return not self.handoffs and not len(self.queue) and all(
             not i.active and not i.incoming for i in self.instances
         )

@@ -87,7 +87,7 @@ class DisaggregatedSimulator:
         self.decode = DecodePool(cost_model, self.ledger, self.events,
                                  DurationNoise(opts.noise_cv, opts.seed + 1),
                                  max_batch=settings.decode_max_batch,
-                                 max_sp=settings.decode_max_sp)
+                                 max_sp=settings.decode_max_sp, stream=settings.stream_kv)
         check_fits(requests, cost_model, widest_group(policy.name, settings, self.num_prefill),
                    self.decode)
         self.outages = opts.outages
@@ -146,6 +146,8 @@ class DisaggregatedSimulator:
         self.stats["simulated_s"] = now
         self.stats["decode_steps"] = self.decode.steps
         self.stats["decode_max_waiting"] = self.decode.queue.max_waiting
+        self.stats["kv_transfers"] = self.decode.network.transfers
+        self.stats["kv_bytes"] = self.decode.network.bytes
         if now > 0:
             self.stats["prefill_busy_fraction"] = sum(self.ledger.busy_s) / (
                 self.num_prefill * now)
@@ -162,9 +164,10 @@ class DisaggregatedSimulator:
         chunk, record, seconds = ended
         entry, _ = self.ledger.chunk_ended(record.request_id, seconds)
         # The ledger's prompt: a redone request re-prefills the tokens it produced too.
-        if chunk.end_token == entry.prompt_tokens:
+        last = chunk.end_token == entry.prompt_tokens
+        if last:
             record.token_times.append(now)  # the last chunk samples the next token
-            self.decode.submit(record, now)
+        self.decode.chunk_ended(record, chunk, last, now)
         self.want_decision(now)
 
     # -- decisions ---------------------------------------------------------------------------

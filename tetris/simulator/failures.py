@@ -278,7 +278,7 @@ class FailureInjector:
             ledger.chunk_ended(record.request_id, max(0.0, now - chunk.start_s))
             assert record.chunks[-1] is chunk  # a request runs one chunk at a time
             record.chunks[-1] = replace(chunk, end_s=max(chunk.start_s, now))
-        sim.decode.abort(ids)
+        sim.decode.abort(ids, now)
         for rid in request_ids:
             record = sim.by_id[rid]
             # Its next prefill feeds the prompt and every token it produced, so that its

@@ -1,24 +1,33 @@
 """Fit the prefill cost coefficients of `cost_model.CostModel` to measured chunk times.
 
 A measured row is one chunk: `tokens` new tokens after a `prefix` on an SP group of `sp`
-instances, over intra- or cross-node links, taking `seconds`. `CostModel.chunk_seconds` is linear
-in its seven prefill coefficients, with the feature vector (x = cross-node link, i.e. cross_node
-and s > 1):
+instances, over intra- or cross-node links, taking `seconds`. Without ring overlap
+(`CostCoefficients.ring_overlap` False, the runtime's gather-then-attend) `chunk_seconds` is
+linear in its seven prefill coefficients, with the feature vector (x = cross-node link, i.e.
+cross_node and s > 1):
 
     [1, (s−1)·[¬x], (s−1)·[x], c/s, (c·p + c(c+1)/2)/s, (p+c)(s−1)/s·[¬x], (p+c)(s−1)/s·[x]]
 
 for (fixed_s, step_intra_s, step_inter_s, lin_s_per_token, attn_s_per_pair,
-comm_intra_s_per_token, comm_inter_s_per_token). Times span orders of magnitude, so the fit
-minimises the *relative* squared error Σ ((f·θ − t) / t)² subject to θ ≥ 0 (the coefficients are
-physical rates): non-negative least squares (Lawson–Hanson) on the rows scaled by 1/t.
+comm_intra_s_per_token, comm_inter_s_per_token). With ring overlap T = max(T_compute,
+T_transfer), each linear in the coefficients: the compute-bound row has no link columns, the
+transfer-bound one divides the attention column by s once more (`chunk_features` with a
+`regime`). The fit alternates: assign each row the regime its current coefficients put it in,
+fit, reassign, until no row changes regime (a few rounds; started from the base and from
+all-compute / all-transfer, the lowest error kept).
+
+Times span orders of magnitude, so each fit minimises the *relative* squared error
+Σ ((f·θ − t) / t)² subject to θ ≥ 0 (the coefficients are physical rates): non-negative least
+squares (Lawson–Hanson) on the rows scaled by 1/t.
 
 Coefficients that the data cannot identify keep the value of `base` and are listed in
-`FitReport.fixed_from_base`: a feature column that is all zero (e.g. no cross-node rows), or one
-that is a linear combination of columns fitted before it (e.g. every SP row has the same s, so
-(s−1) is a multiple of the constant column). Columns are considered in the order fixed, lin,
-attn, comm_intra, step_intra, comm_inter, step_inter; the contribution of a kept base value is
-subtracted from the measured time before the fit. Decode coefficients are copied from `base`
-(they are not measured by prefill rows).
+`FitReport.fixed_from_base`: a feature column that is all zero (e.g. no cross-node rows, or every
+SP row compute-bound so no transfer shows), or one that is a linear combination of columns
+fitted before it (e.g. every SP row has the same s, so (s−1) is a multiple of the constant
+column). Columns are considered in the order fixed, lin, attn, comm_intra, step_intra,
+comm_inter, step_inter; the contribution of a kept base value is subtracted from the measured
+time before the fit. Decode coefficients and `ring_overlap` are copied from `base` (they are
+not measured by prefill rows).
 
 The report gives the in-sample mean and max absolute percentage error, R² on seconds, and the
 leave-one-out MAPE (each row predicted by a fit on the others) when there are more rows than
@@ -33,7 +42,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +77,11 @@ _PRIORITY = (0, 3, 4, 5, 1, 6, 2)
 CSV_COLUMNS = ("tokens", "prefix", "sp", "seconds")
 #: Largest coefficient a calibration file may hold (seconds per unit): a fitted one is < 1.
 MAX_COEFFICIENT = 1e3
+#: Rounds of regime reassignment before the best fit so far is kept.
+MAX_REGIME_ROUNDS = 12
 _TRUE = {"1", "true", "yes", "y", "t"}
+
+Regime = Literal["additive", "compute", "transfer"]
 _FALSE = {"0", "false", "no", "n", "f", ""}
 
 
@@ -83,9 +96,14 @@ class Measurement:
     cross_node: bool = False
 
 
-def chunk_features(tokens: int, prefix: int, sp: int, cross_node: bool = False) -> list[float]:
-    """The feature vector f with CostModel.chunk_seconds(...) == f · prefill coefficients."""
+def chunk_features(tokens: int, prefix: int, sp: int, cross_node: bool = False,
+                   regime: Regime = "additive") -> list[float]:
+    """The feature vector f with T == f · prefill coefficients: T without ring overlap
+    ("additive"), or T_compute / T_transfer of the overlap rule (T is their maximum)."""
     inter = cross_node and sp > 1
+    pairs = tokens * prefix + tokens * (tokens + 1) / 2
+    if regime == "compute" or sp == 1:
+        return [1.0, 0.0, 0.0, tokens / sp, pairs / sp, 0.0, 0.0]
     ring = (prefix + tokens) * (sp - 1) / sp
     steps = float(sp - 1)
     return [
@@ -93,10 +111,20 @@ def chunk_features(tokens: int, prefix: int, sp: int, cross_node: bool = False) 
         0.0 if inter else steps,
         steps if inter else 0.0,
         tokens / sp,
-        (tokens * prefix + tokens * (tokens + 1) / 2) / sp,
+        pairs / sp if regime == "additive" else pairs / (sp * sp),
         0.0 if inter else ring,
         ring if inter else 0.0,
     ]
+
+
+def row_regime(theta: Sequence[float] | FloatArray, row: Measurement, overlap: bool) -> Regime:
+    """Which linear piece of T the coefficients `theta` put the row on."""
+    if not overlap:
+        return "additive"
+    args = (row.tokens, row.prefix, row.sp, row.cross_node)
+    compute = float(np.dot(chunk_features(*args, regime="compute"), theta))
+    transfer = float(np.dot(chunk_features(*args, regime="transfer"), theta))
+    return "compute" if compute >= transfer else "transfer"
 
 
 class FitReport(BaseModel):
@@ -227,17 +255,25 @@ def _solve(features: FloatArray, target: FloatArray, seconds: FloatArray) -> Flo
     return theta
 
 
-def fit_coefficients(
-    rows: Sequence[Measurement], base: CostCoefficients
-) -> tuple[CostCoefficients, FitReport]:
-    """Fit the prefill coefficients to `rows`; the rest (and unidentifiable ones) from `base`."""
-    _check_rows(rows)
-    feats = np.array(
-        [chunk_features(r.tokens, r.prefix, r.sp, r.cross_node) for r in rows], dtype=np.float64
-    )
-    seconds = np.array([r.seconds for r in rows], dtype=np.float64)
-    base_theta = np.array([getattr(base, k) for k in PREFILL_COEFFICIENTS], dtype=np.float64)
+@dataclass(frozen=True, slots=True)
+class _Fit:
+    theta: FloatArray
+    cols: list[int]
+    predicted: FloatArray
+    error: float  # Σ relative squared error
 
+
+def _predict(theta: FloatArray, rows: Sequence[Measurement], overlap: bool) -> FloatArray:
+    return np.array([float(np.dot(chunk_features(r.tokens, r.prefix, r.sp, r.cross_node,
+                                                 row_regime(theta, r, overlap)), theta))
+                     for r in rows], dtype=np.float64)
+
+
+def _fit_regimes(rows: Sequence[Measurement], regimes: Sequence[Regime], base_theta: FloatArray,
+                 seconds: FloatArray, overlap: bool) -> _Fit:
+    """One linear fit with every row on its given piece of T."""
+    feats = np.array([chunk_features(r.tokens, r.prefix, r.sp, r.cross_node, g)
+                      for r, g in zip(rows, regimes, strict=True)], dtype=np.float64)
     cols = _identifiable(feats / seconds[:, None])
     kept = [j for j in range(len(PREFILL_COEFFICIENTS)) if j not in cols]
     # Remove what the kept base values explain; fit the remainder with the free columns.
@@ -245,8 +281,47 @@ def fit_coefficients(
     theta = base_theta.copy()
     if cols:
         theta[cols] = _solve(feats[:, cols], target, seconds)
+    predicted = _predict(theta, rows, overlap)
+    return _Fit(theta, cols, predicted, float(np.sum(((predicted - seconds) / seconds) ** 2)))
 
-    predicted = feats @ theta
+
+def _fit(rows: Sequence[Measurement], base_theta: FloatArray, overlap: bool) -> _Fit:
+    """The fit of T to `rows`: one linear fit without overlap; with it, alternate regime
+    assignment and fitting from a few starts, keeping the lowest error."""
+    seconds = np.array([r.seconds for r in rows], dtype=np.float64)
+    if not overlap:
+        return _fit_regimes(rows, ["additive"] * len(rows), base_theta, seconds, False)
+    starts: list[list[Regime]] = [
+        [row_regime(base_theta, r, True) for r in rows],
+        ["compute"] * len(rows),
+        ["transfer"] * len(rows),
+    ]
+    best: _Fit | None = None
+    for regimes in starts:
+        for _ in range(MAX_REGIME_ROUNDS):
+            fit = _fit_regimes(rows, regimes, base_theta, seconds, True)
+            if best is None or fit.error < best.error:
+                best = fit
+            again = [row_regime(fit.theta, r, True) for r in rows]
+            if again == regimes:
+                break
+            regimes = again
+    assert best is not None
+    return best
+
+
+def fit_coefficients(
+    rows: Sequence[Measurement], base: CostCoefficients
+) -> tuple[CostCoefficients, FitReport]:
+    """Fit the prefill coefficients to `rows`; the rest (and unidentifiable ones) from `base`."""
+    _check_rows(rows)
+    overlap = base.ring_overlap
+    seconds = np.array([r.seconds for r in rows], dtype=np.float64)
+    base_theta = np.array([getattr(base, k) for k in PREFILL_COEFFICIENTS], dtype=np.float64)
+    fit = _fit(rows, base_theta, overlap)
+    theta, cols, predicted = fit.theta, fit.cols, fit.predicted
+    kept = [j for j in range(len(PREFILL_COEFFICIENTS)) if j not in cols]
+
     pct = 100.0 * np.abs(predicted - seconds) / seconds
     ss_res = float(np.sum((predicted - seconds) ** 2))
     ss_tot = float(np.sum((seconds - seconds.mean()) ** 2))
@@ -258,10 +333,9 @@ def fit_coefficients(
     if cols and n > len(cols):
         errors = np.empty(n)
         for i in range(n):
-            keep = np.arange(n) != i
-            t = theta.copy()
-            t[cols] = _solve(feats[keep][:, cols], target[keep], seconds[keep])
-            errors[i] = abs(float(feats[i] @ t) - seconds[i]) / seconds[i]
+            rest = [r for j, r in enumerate(rows) if j != i]
+            t = _fit(rest, base_theta, overlap).theta
+            errors[i] = abs(float(_predict(t, [rows[i]], overlap)[0]) - seconds[i]) / seconds[i]
         loo = 100.0 * float(errors.mean())
 
     values = {k: float(v) for k, v in zip(PREFILL_COEFFICIENTS, theta, strict=True)}

@@ -62,6 +62,12 @@ class ClusterSpec(BaseModel):
         """The widest group of prefill instances that stays inside one node."""
         return self._widest
 
+    def local_rank(self, instance: int) -> int:
+        """The instance's position among the instances of its node (prefill then decode), in
+        instance order: which of the node's GPUs (and so which NIC) it is."""
+        node = self._node[instance]
+        return sum(1 for n in self._node[:instance] if n == node)
+
     def spans_nodes(self, instances: Iterable[int]) -> bool:
         node = self._node
         return len({node[i] for i in instances}) > 1

@@ -6,6 +6,12 @@ Sources (vendor datasheets, dense math without sparsity):
 - H200 SXM 141GB: same compute as H100, HBM3e 4.8 TB/s, same links.
 - A100 SXM4 80GB: 312 TFLOP/s bf16, HBM2e 2.039 TB/s, NVLink 3 600 GB/s bidirectional
   (300 GB/s each way), ConnectX-6 HDR 200 Gb/s per GPU (25 GB/s).
+Topology as in a DGX H100 / DGX A100 node: 8 GPUs on NVLink, and one compute NIC per GPU
+(`nics_per_node` 8: ConnectX-7 400 Gb/s on H100/H200, ConnectX-6 200 Gb/s on A100), so every
+GPU sends across nodes at `inter_node_bandwidth` over its own NIC (full duplex). A GPU receiving
+KV may take it in over all of its node's NICs and then NVLink (`multirail_receive`, as
+Mooncake's Transfer Engine splits one transfer over several NICs), so eight prefill ranks sending
+to one decode GPU are limited by their own NICs, not by one NIC at the receiver.
 Link latencies are typical NCCL point-to-point figures (a few microseconds inside a node, tens
 across nodes); `tetris profile` refits everything on the machine at hand.
 """
@@ -31,6 +37,13 @@ class HardwareSpec(BaseModel):
     inter_node_bandwidth: float = Field(gt=0, description="bytes/s one way, across nodes")
     intra_node_latency_s: float = Field(default=5e-6, ge=0)
     inter_node_latency_s: float = Field(default=20e-6, ge=0)
+    nics_per_node: int | None = Field(default=None, gt=0, description="compute NICs per "
+                                      "node, each at inter_node_bandwidth; None: one per GPU. "
+                                      "With fewer NICs than GPUs, neighbouring GPUs share one")
+    multirail_receive: bool = Field(default=True, description="a transfer into a GPU may "
+                                    "arrive over every NIC of its node and reach the GPU over "
+                                    "NVLink (as Mooncake's Transfer Engine aggregates NICs); "
+                                    "False: only over the GPU's own NIC")
 
 
 GB = 1e9

@@ -2,18 +2,26 @@
 
 Their `router/profiler.py` `Profiler.predict`: one iteration of a batch with prompt lengths l_i
 on an ESP group of s instances costs A[s] + B[s]·Σl + C[s]·Σl² (coefficients fitted per SP size
-by `test/longserve/2-find-time-function-prefill.py`). Here the rows follow from our cost model,
-so for one request the prediction equals `CostModel.chunk_seconds(l, 0, s)` exactly:
-A[s] = fixed + step·(s−1), B[s] = (lin + attn/2 + comm·(s−1))/s, C[s] = attn/(2s).
+by `test/longserve/2-find-time-function-prefill.py` to measured iterations). Here the
+"measurements" are our cost model's times of one request of each length on a geometric grid,
+fitted the same way (least squares on relative error, coefficients ≥ 0). Without ring overlap
+the cost model is exactly such a quadratic, so the fit reproduces it; with overlap (T is the
+larger of two quadratics) the fit is LoongServe's approximation of it, as theirs is of the
+hardware. `actual` is the cost model itself.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from tetris.solver.calibration import nnls
 from tetris.solver.cost_model import CostModel
 
 INF = math.inf
+# The profiled prompt lengths: 16 to 1M tokens, four per octave.
+PROFILE_LENGTHS = tuple(sorted({int(16 * 2 ** (i / 4)) for i in range(65)}))
 
 
 class PrefillPredictor:
@@ -23,29 +31,25 @@ class PrefillPredictor:
     group of s instances needs at least (the network once s exceeds a node), `actual` the link
     of the concrete group (what the simulated iteration really takes)."""
 
-    __slots__ = ("_rows", "a", "b", "c")
+    __slots__ = ("a", "b", "c", "cost_model")
 
     def __init__(self, cost_model: CostModel) -> None:
-        co = cost_model.coefficients
+        self.cost_model = cost_model
         cluster = cost_model.cluster
         n = cluster.prefill_instances
-        rows: list[tuple[list[float], list[float], list[float]]] = []
-        for cross in (False, True):
-            step = co.step_inter_s if cross else co.step_intra_s
-            comm = co.comm_inter_s_per_token if cross else co.comm_intra_s_per_token
-            a, b, c = [INF], [0.0], [0.0]
-            for s in range(1, n + 1):
-                # One instance has no link: the same row whichever "link" is named.
-                st, cm = (step, comm) if s > 1 else (0.0, 0.0)
-                a.append(co.fixed_s + st * (s - 1))
-                b.append((co.lin_s_per_token + co.attn_s_per_pair / 2 + cm * (s - 1)) / s)
-                c.append(co.attn_s_per_pair / (2 * s))
-            rows.append((a, b, c))
-        self._rows = rows
         per_node = cluster.gpus_per_node
-        self.a = [rows[int(s > per_node)][0][s] for s in range(n + 1)]
-        self.b = [rows[int(s > per_node)][1][s] for s in range(n + 1)]
-        self.c = [rows[int(s > per_node)][2][s] for s in range(n + 1)]
+        lengths = np.array(PROFILE_LENGTHS, dtype=np.float64)
+        features = np.stack([np.ones_like(lengths), lengths, lengths * lengths], axis=1)
+        self.a, self.b, self.c = [INF], [0.0], [0.0]
+        for s in range(1, n + 1):
+            seconds = np.array([cost_model.chunk_seconds(int(length), 0, s, s > per_node)
+                                for length in PROFILE_LENGTHS])
+            scaled = features / seconds[:, None]
+            norms = np.linalg.norm(scaled, axis=0)
+            a, b, c = (float(v) for v in nnls(scaled / norms, np.ones_like(seconds)) / norms)
+            self.a.append(a)
+            self.b.append(b)
+            self.c.append(c)
 
     def predict(self, sp: int, length_sum: int, square_sum: int) -> float:
         """Their `Profiler.predict(sp, Σl, Σl²)` (seconds here, milliseconds there)."""
@@ -54,5 +58,6 @@ class PrefillPredictor:
         return self.a[sp] + self.b[sp] * length_sum + self.c[sp] * square_sum
 
     def actual(self, sp: int, cross_node: bool, length_sum: int, square_sum: int) -> float:
-        a, b, c = self._rows[int(cross_node)]
-        return a[sp] + b[sp] * length_sum + c[sp] * square_sum
+        """What the batch's iteration takes: Σl query tokens, Σ l(l+1)/2 causal pairs."""
+        return self.cost_model.batch_seconds(length_sum, (square_sum + length_sum) / 2,
+                                             length_sum, sp, cross_node)

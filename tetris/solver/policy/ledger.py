@@ -239,14 +239,17 @@ class Ledger:
             self._free_prefill_kv(e)
         return e
 
-    def kv_moved(self, request_id: str) -> tuple[RequestEntry, Released]:
+    def kv_moved(self, request_id: str, *, failed: bool = False
+                 ) -> tuple[RequestEntry, Released]:
         """The transfer ended: the prefill KV is gone (sent, or to be freed after a failure:
         `Released.prefill_kv` says where it was). A request released during the transfer
-        leaves the ledger now (`Released.decode_instances` to free too)."""
+        leaves the ledger now (`Released.decode_instances` to free too). A stream may end
+        before the prefill does only when it `failed` (the request is redone next) or the
+        request was released."""
         e = self.decode.get(request_id) or self.prefill.get(request_id)
         if e is None or not e.moving:
             raise LedgerError(f"KV moved of {request_id!r}: no transfer of it is in flight")
-        if request_id in self.prefill and not e.release_pending:
+        if request_id in self.prefill and not (e.release_pending or failed):
             raise LedgerError(f"KV moved of {request_id!r}: its prefill is not done")
         e.moving = False
         if e.running:  # released mid-prefill, its stream cut short: the chunk's end frees it

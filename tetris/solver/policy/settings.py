@@ -63,6 +63,9 @@ class PolicySettings(BaseModel):
                                   "instance")
     decode_max_sp: int | None = Field(default=None, gt=0, description="decode instances one "
                                       "request's KV may span; None = all")
+    stream_kv: bool = Field(default=True, description="finished chunks' KV goes to decode "
+                            "while later chunks compute; False: the whole prompt's KV after "
+                            "the last chunk")
 
     def check_cluster(self, prefill_instances: int, policy: str | None = None) -> None:
         """ValueError naming a setting that the cluster's prefill pool cannot honour: the
