@@ -9,13 +9,19 @@ from tetris.evaluation.metrics import compute_metrics
 from tetris.evaluation.policies import run_policy
 from tetris.evaluation.sim_config import SimConfig
 from tetris.evaluation.workload_spec import load_workload
+from tetris.simulator.disaggregated import simulate_disaggregated
 from tetris.simulator.events import EventQueue
 from tetris.simulator.network import KV_SENT, Network
+from tetris.simulator.records import SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
 from tetris.solver.hardware import HARDWARE_PRESETS, HardwareSpec
 from tetris.solver.model_spec import MODEL_PRESETS
 from tetris.solver.plan import ChunkSpec
+from tetris.solver.policy.cdsp import CdspPolicy
+from tetris.solver.policy.dispatch import DecodeLoad, choose_decode_instances
+from tetris.solver.policy.settings import PolicySettings
+from tetris.solver.policy.view import SolverClock
 
 GB = 1e9
 # NVLink 10 GB/s, NIC 1 GB/s, no latency: times in seconds are bytes in GB.
@@ -132,3 +138,20 @@ def test_long_prompts_tiny_outputs_second_token_waits_only_for_the_last_chunk() 
         checked += 1
     assert checked >= 30
     assert any(len(r.chunks) > 1 for r in out.records)  # some KV streamed before the end
+
+
+def test_dispatcher_prefers_the_decode_instance_on_the_prefill_node() -> None:
+    """Decode instance 0 on another node (empty) and 1 on the prefill node (already holding a
+    request): the second request's KV goes over NVLink to 1, the faster path; with both paths
+    equal the less loaded instance wins."""
+    cluster = ClusterSpec(prefill_instances=1, decode_instances=2, nodes=(0, 1, 0))
+    cm = CostModel(MODEL_PRESETS["llama3-8b"], HARDWARE_PRESETS["h100"], cluster)
+    config_requests = [SimRequest("a", 0.0, 2000, 50, 100.0, 1.0),
+                       SimRequest("b", 0.001, 2000, 50, 100.0, 1.0)]
+    policy = CdspPolicy("tetris-greedy", cm, PolicySettings(quantum_s=None),
+                        clock=SolverClock.FREE)
+    out = simulate_disaggregated(config_requests, policy)
+    assert [r.decode_instances for r in out.records] == [(1,), (1,)]
+    loads = [DecodeLoad(0, 0), DecodeLoad(500, 1)]
+    assert choose_decode_instances(loads, 100, 10_000, 8, handoff_s=[0.5, 0.1]).instances == (1,)
+    assert choose_decode_instances(loads, 100, 10_000, 8, handoff_s=[0.1, 0.1]).instances == (0,)

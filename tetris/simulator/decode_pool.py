@@ -102,6 +102,14 @@ class DecodePool:
         self.num_prefill = cost_model.cluster.prefill_instances
         self.kv_bytes = cost_model.model.kv_bytes_per_token
         self.handoffs: dict[str, _Handoff] = {}
+        cluster = cost_model.cluster
+        self._decode_node = [cluster.node_of(self.num_prefill + j)
+                             for j in range(num_instances)]
+        self._decode_nodes: dict[int, int] = {}  # node -> its first decode instance
+        for j, node in enumerate(self._decode_node):
+            self._decode_nodes.setdefault(node, j)
+        # Only a decode instance on a prefill node has a faster path (NVLink) to choose.
+        self._shared_nodes = bool(set(self._decode_node) & set(cluster.prefill_node_of))
         self.steps = 0
         self.tokens = 0
 
@@ -155,7 +163,9 @@ class DecodePool:
 
     def dispatch(self, now: float) -> None:
         """Place waiting requests, first come first served, while the head fits."""
-        while (placed := self.queue.place_head(self.ledger.decode_loads())) is not None:
+        handoff = self._handoff_s if self._shared_nodes else None
+        while (placed := self.queue.place_head(self.ledger.decode_loads(),
+                                               handoff)) is not None:
             rid, placement = placed
             self.queue.pop()
             h = self.handoffs[rid]
@@ -165,6 +175,18 @@ class DecodePool:
             unsent, h.unsent = h.unsent, {}
             self._send(h, unsent, now)
             self._maybe_arrive(h, now)
+
+    def _handoff_s(self, request_id: str) -> list[float]:
+        """Per decode instance: how long the KV ended so far would take to get there alone
+        (the slowest of its senders). Links of one kind have one bandwidth, so this depends
+        only on the decode instance's node: computed once per node."""
+        held = self.handoffs[request_id].unsent
+        base, net, kv = self.num_prefill, self.network, self.kv_bytes
+        per_node: dict[int, float] = {}
+        for node, j in self._decode_nodes.items():
+            per_node[node] = max((net.seconds_alone(g, base + j, n * kv)
+                                  for g, n in held.items()), default=0.0)
+        return [per_node[self._decode_node[j]] for j in range(len(self.instances))]
 
     def _send(self, h: _Handoff, shares: dict[int, int], now: float) -> None:
         """Each prefill instance's tokens go to the decode instances in their shares."""

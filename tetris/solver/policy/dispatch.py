@@ -1,7 +1,10 @@
 """Decode dispatcher: which decode instance(s) take a request's KV after prefill.
 
-Least-loaded with room: the instance holding the fewest reserved KV tokens among those with room
-for the request's whole KV (prompt + every token it may still generate) and a free batch slot.
+Fastest hand-off, then least-loaded with room: among the instances with room for the request's
+whole KV (prompt + every token it may still generate) and a free batch slot, those whose
+hand-off from where the KV sits is quickest (`handoff_s`, e.g. NVLink inside the prefill group's
+node before the network; equal for all when not given), and of those the one holding the fewest
+reserved KV tokens.
 When no single instance has room and decode SP is allowed, the KV is split over the fewest
 instances whose free room covers it (most free room first), each share proportional to that
 instance's room. `None` means "wait": nothing is dropped, the caller retries when KV is freed.
@@ -14,7 +17,7 @@ runtime engine, both reading the decode loads from their `Ledger`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -40,7 +43,10 @@ def choose_decode_instances(
     capacity_tokens: int,
     max_batch: int,
     max_sp: int = 1,
+    handoff_s: Sequence[float] | None = None,
 ) -> Placement | None:
+    """Where the request's KV goes, or None (wait); `handoff_s[i]`: the hand-off time to
+    instance i (a faster path wins over a lighter load)."""
     if kv_tokens <= 0:
         raise ValueError(f"kv_tokens must be > 0, got {kv_tokens}")
     if max_sp < 1:
@@ -48,6 +54,10 @@ def choose_decode_instances(
     open_slots = [g for g, load in enumerate(loads) if load.batch < max_batch]
     whole = [g for g in open_slots if capacity_tokens - loads[g].reserved_tokens >= kv_tokens]
     if whole:
+        if handoff_s is not None:
+            fastest = min(handoff_s[i] for i in whole)
+            # Ties within 1% are the same path (equal links, different byte counts).
+            whole = [i for i in whole if handoff_s[i] <= fastest * 1.01]
         g = min(whole, key=lambda i: (loads[i].reserved_tokens, loads[i].batch, i))
         return Placement((g,), (kv_tokens,))
     if max_sp == 1:
@@ -104,13 +114,17 @@ class DecodeQueue:
     def head(self) -> tuple[str, int] | None:
         return next(iter(self._waiting.items()), None)
 
-    def place_head(self, loads: Sequence[DecodeLoad]) -> tuple[str, Placement] | None:
-        """The head and where its KV fits now, or None (empty, or it must wait)."""
+    def place_head(self, loads: Sequence[DecodeLoad],
+                   handoff_s: Callable[[str], Sequence[float]] | None = None
+                   ) -> tuple[str, Placement] | None:
+        """The head and where its KV fits now, or None (empty, or it must wait);
+        `handoff_s(request_id)`: its hand-off time to each instance."""
         head = self.head()
         if head is None:
             return None
-        placement = choose_decode_instances(loads, head[1], self.capacity_tokens,
-                                            self.max_batch, self.max_sp)
+        placement = choose_decode_instances(
+            loads, head[1], self.capacity_tokens, self.max_batch, self.max_sp,
+            None if handoff_s is None else handoff_s(head[0]))
         return None if placement is None else (head[0], placement)
 
     def pop(self) -> str:
