@@ -12,9 +12,10 @@ Limits printed beside the figures: the prefill pool's compute bound on the rate 
 prompt at the cost model's best isolated time per request, all prefill GPUs busy) and the decode
 pool's HBM-bandwidth bound (every decode step reads the weights once per instance).
 
-Prints JSON. Usage (about 10–20 minutes for all sizes on one core):
+Prints JSON; `--page FILE.md` also writes the table as markdown. Usage (about 10–20 minutes for
+all sizes on one core):
     .venv/bin/python benchmarks/scaling.py [--trace SPEC] [--nodes 1,2,4,8,16]
-        [--policy tetris-greedy] [--per-gpu-rate 0.75]
+        [--policy tetris-greedy] [--per-gpu-rate 0.75] [--page docs/results/scaling.md]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tetris.evaluation.capacity import find_max_rate
@@ -104,6 +106,7 @@ def main() -> int:
     parser.add_argument("--policy", default="tetris-greedy")
     parser.add_argument("--per-gpu-rate", type=float, default=0.75)
     parser.add_argument("--max-evals", type=int, default=10)
+    parser.add_argument("--page", help="also write the table as markdown here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     workload = load_workload(args.trace)
@@ -119,11 +122,43 @@ def main() -> int:
         r["attainment_vs_1_node_points"] = (
             100 * (r["fixed_rate"]["slo_attainment"] - base["fixed_rate"]["slo_attainment"])
             if base else None)
-    json.dump({"trace": workload.name, "policy": args.policy, "target": TARGET,
-               "per_gpu_rate": args.per_gpu_rate, "gpus_per_node": GPUS_PER_NODE,
-               "sizes": rows}, sys.stdout, indent=2)
+    result = {"trace": workload.name, "policy": args.policy, "target": TARGET,
+              "per_gpu_rate": args.per_gpu_rate, "gpus_per_node": GPUS_PER_NODE,
+              "command": " ".join(["benchmarks/scaling.py", *sys.argv[1:]]), "sizes": rows}
+    json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    if args.page:
+        Path(args.page).write_text(page(result))
     return 0
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) \
+        else str(value)
+
+
+def page(result: dict[str, Any]) -> str:
+    """The results table as markdown (every figure from `result`)."""
+    lines = [
+        "| nodes (P + D GPUs) | max rate (req/s) | per prefill GPU | vs 1 node | P90 TTFT at max "
+        "(s) | prefill bound (req/s) | decode bound (req/s) | attainment at "
+        f"{result['per_gpu_rate']} req/s/GPU | P90 TTFT there (s) | token 1→2 p99 (s) | "
+        "sim wall (s) | events/s | plans validated |",
+        "|" + "---|" * 13,
+    ]
+    for r in result["sizes"]:
+        fixed, lim = r["fixed_rate"], r["limits"]
+        lines.append(
+            f"| {r['nodes']} ({r['prefill_gpus']} + {r['decode_gpus']}) "
+            f"| {_f(r['max_rate_rps'])} | {_f(r['max_rate_per_prefill_gpu'])} "
+            f"| {_f(r['per_gpu_rate_vs_1_node'])} | {_f(r['ttft_p90_at_max_s'])} "
+            f"| {_f(lim['prefill_compute_rps'])} | {_f(lim['decode_bandwidth_rps'])} "
+            f"| {_f(fixed['slo_attainment'], 4)} | {_f(fixed['ttft_p90_s'])} "
+            f"| {_f(fixed['first_gap_p99_s'])} | {_f(r['sim_wall_s'])} "
+            f"| {_f(r['sim_events_per_s'])} | {r['plans_validated']} |")
+    return "\n".join([f"Trace `{result['trace']}`, policy `{result['policy']}`, "
+                      f"{result['gpus_per_node']} GPUs per node, attainment target "
+                      f"{result['target']:.0%}; `{result['command']}`.", "", *lines, ""])
 
 
 if __name__ == "__main__":
