@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                         help="run the MILP only on cells with at most this many requests")
     solver.add_argument("--milp-max-instances", type=int, default=defaults.milp_max_instances,
                         help="... and at most this many instances")
+    solver.add_argument("--gpus-per-node", type=int_in(1, 4096), default=defaults.gpus_per_node,
+                        help="prefill instances per node (default %(default)s; groups cross "
+                        "nodes only where the cost model says it pays)")
     solver.set_defaults(handler=_run_solver)
 
 
@@ -45,6 +48,7 @@ def _run_solver(args: argparse.Namespace) -> int:
         cp_time_limits_ms=args.cp_time_limits_ms,
         milp_max_requests=args.milp_max_requests,
         milp_max_instances=args.milp_max_instances,
+        gpus_per_node=args.gpus_per_node,
     )
     total = len(config.instances) * len(config.requests) * config.seeds
     with Progress(transient=True, console=None, redirect_stdout=False) as progress:

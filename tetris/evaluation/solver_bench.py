@@ -1,11 +1,13 @@
 """`tetris bench solver`: planner latency and quality on seeded random problems.
 
-Problems: llama3-8b on H100s (8 per node); prompt lengths log-normal (median 8k tokens, σ 1.2,
-clipped to [256, 131072] — long-tailed like the Mooncake trace); arrivals uniform in the next
-second; each instance free now with probability 0.4, otherwise at a uniform time in (0, 5] s;
-TTFT SLO = 5 × the request's isolated best TTFT; λ = 0.5. Every returned plan is validated here
-again, independently of `solve`. Latency is the planner's own `wall_ms` (for cp: greedy,
-candidates, model building and search); `with_validation_ms_p99` adds `solve`'s validation.
+Problems: llama3-8b on H100s (8 per node unless `gpus_per_node` says otherwise: 128 instances
+are 16 nodes, and groups cross nodes only where the cost model says it pays); prompt lengths
+log-normal (median 8k tokens, σ 1.2, clipped to [256, 131072] — long-tailed like the Mooncake
+trace); arrivals uniform in the next second; each instance free now with probability 0.4,
+otherwise at a uniform time in (0, 5] s; TTFT SLO = 5 × the request's isolated best TTFT;
+λ = 0.5. Every returned plan is validated here again, independently of `solve`. Latency is the
+planner's own `wall_ms` (for cp: greedy, candidates, model building and search);
+`with_validation_ms_p99` adds `solve`'s validation.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BenchConfig:
     milp_max_instances: int = 8
     milp_time_limit_ms: float = 30_000.0
     cp_workers: int = 1
+    gpus_per_node: int = 8
 
 
 @dataclass
@@ -58,9 +61,11 @@ class _Samples:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
-def random_problem(num_instances: int, num_requests: int, seed: int) -> Problem:
+def random_problem(num_instances: int, num_requests: int, seed: int,
+                   gpus_per_node: int = 8) -> Problem:
+    """The seeded problem of one cell (the node size does not change the draws)."""
     rng = random.Random(seed * 1_000_003 + num_instances * 101 + num_requests)
-    cluster = ClusterSpec(prefill_instances=num_instances, gpus_per_node=8)
+    cluster = ClusterSpec(prefill_instances=num_instances, gpus_per_node=gpus_per_node)
     cm = CostModel(MODEL_PRESETS["llama3-8b"], HARDWARE_PRESETS["h100"], cluster)
     availability = tuple(
         0.0 if rng.random() < 0.4 else rng.uniform(0.0, 5.0) for _ in range(num_instances)
@@ -144,7 +149,8 @@ def run_bench(config: BenchConfig,
     for n in config.instances:
         for r in config.requests:
             samples: dict[str, _Samples] = {"greedy": _Samples()}
-            problems = [random_problem(n, r, seed) for seed in range(config.seeds)]
+            problems = [random_problem(n, r, seed, config.gpus_per_node)
+                        for seed in range(config.seeds)]
             # Greedy is timed in a pass of its own: right after CP-SAT's two threads have run
             # flat out, single-thread timings here come out up to 1.6× slower for a while.
             greedy_objs = []
@@ -183,7 +189,7 @@ def run_bench(config: BenchConfig,
     return {
         "benchmark": "solver",
         "workload": {
-            "model": "llama3-8b", "hardware": "h100", "gpus_per_node": 8,
+            "model": "llama3-8b", "hardware": "h100", "gpus_per_node": config.gpus_per_node,
             "prompt_tokens": "lognormal(median 8192, sigma 1.2) clipped to [256, 131072]",
             "availability": "0 w.p. 0.4 else U(0, 5] s", "arrivals": "U[0, 1] s",
             "ttft_slo": f"{SLO_SCALE} x isolated best TTFT", "gpu_cost_weight": GPU_COST_WEIGHT,

@@ -5,17 +5,21 @@ the exact planners then pick one candidate per request and place its chunks in t
 are built against the decision's base availability: the Tetris shape under each SP cap (block
 boundaries rounded to nearest, down and up), the Tetris shape also cut where other requests
 arrive (so they can be fitted in between), one chunk at each SP cap, and the greedy planner's own
-plan (built
-against what the requests before it took), which is always candidate 0 so it can be the hint.
+plan (built against what the requests before it took), which is always candidate 0 so it can be
+the hint. Like the greedy (`nodes`), caps up to a node's width stay inside one node, and
+cross-node candidates are built only at the caps where the cost model says crossing may pay.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from tetris.solver.expansion import expand_plan
-from tetris.solver.greedy import cap_levels
+from tetris.solver.greedy import SPANS_NODES, GreedyPlanner
+from tetris.solver.nodes import NodeFree, cap_levels, worth_crossing
+from tetris.solver.objective import request_cost
 from tetris.solver.plan import RequestPlan
 from tetris.solver.problem import Problem
 
@@ -57,20 +61,52 @@ def candidate_from_plan(problem: Problem, index: int, plan: RequestPlan, label: 
 
 
 def _variants(
-    problem: Problem, index: int, greedy: RequestPlan, free: list[float], by_free: list[int]
+    problem: Problem, index: int, greedy: RequestPlan, planner: GreedyPlanner, state: NodeFree,
 ) -> Iterator[tuple[str, RequestPlan]]:
     """A request's candidate plans, most useful first (built lazily: callers stop early)."""
-    n = problem.num_instances
     request = problem.requests[index]
-    caps = cap_levels(problem.sp_limit)
+    layout = planner.layout
+    info = planner.info(request)
+    free = state.free_s
     yield "greedy", greedy
+    node: int | None = None
+    alt: int | None = None
+    members: Sequence[int] = range(problem.num_instances)
+    if info.kv_node == SPANS_NODES:
+        # Its KV already spans nodes: every group does, so plan over the whole cluster.
+        caps, by_free = cap_levels(problem.sp_limit), state.by_free()
+    else:
+        node = info.kv_node if info.kv_node is not None else planner.pick_node(info, state)
+        # Another node for the rotated variants, so that identical requests are not all
+        # offered the same node.
+        alt = node if info.kv_node is not None else planner.pick_node(
+            info, state, index % len(layout.members))
+        caps, members, by_free = list(layout.same_levels), layout.members[node], state.order[node]
+    best_same = math.inf
     for cap in caps:
-        yield f"expand-{cap}", expand_plan(problem, request, free, cap, by_free=by_free)
+        plan = expand_plan(problem, request, free, cap, by_free=by_free)
+        if plan.chunks:
+            best_same = min(best_same, request_cost(problem, request, plan.prefill_end_s,
+                                                    plan.gpu_seconds))
+        yield f"expand-{cap}", plan
         yield f"single-{cap}", expand_plan(problem, request, free, cap, max_chunks=1,
                                            by_free=by_free)
+    if node is not None and layout.cross_levels:
+        # Cross-node groups only where the cost model says they may pay (the greedy's test).
+        ready = max(problem.now_s, request.earliest_start_s)
+        start = max(ready, state.earliest_free_s())
+        cross = (list(layout.cross_levels) if best_same == math.inf
+                 else worth_crossing(problem, request, layout, start, best_same))
+        everyone = state.by_free()
+        for cap in cross:
+            yield f"expand-x-{cap}", expand_plan(problem, request, free, cap, by_free=everyone)
+            yield f"single-x-{cap}", expand_plan(problem, request, free, cap, max_chunks=1,
+                                                 by_free=everyone)
+    n = problem.num_instances
+    rot_members = members if alt is None else layout.members[alt]
     for cap in caps[:-1]:
         offset = index * cap % n
-        rotated = sorted(range(n), key=lambda g: (free[g], (g - offset) % n))
+        rotated = sorted(rot_members, key=lambda g: (free[g], (g - offset) % n))
         yield f"expand-rot-{cap}", expand_plan(problem, request, free, cap, by_free=rotated)
         yield f"single-rot-{cap}", expand_plan(problem, request, free, cap, max_chunks=1,
                                                by_free=rotated)
@@ -91,18 +127,21 @@ def generate_candidates(
     max_per_request: int = DEFAULT_MAX_CANDIDATES,
 ) -> list[list[Candidate]]:
     """Per request (problem order): up to `max_per_request` distinct candidates, the greedy plan
-    first, then in order of usefulness: the Tetris shape and one chunk at each SP cap; the same
-    on other instances (ties in free time broken from a per-request offset, so identical
-    requests can be placed side by side — otherwise every request's capped candidates crowd onto
-    the lowest-numbered free instances); cut at other requests' arrivals; block boundaries
-    rounded down and up."""
-    free = [problem.free_at(g) for g in range(problem.num_instances)]
-    by_free = sorted(range(len(free)), key=lambda g: (free[g], g))
+    first, then in order of usefulness: the Tetris shape and one chunk at each SP cap inside
+    the request's node (`GreedyPlanner.pick_node`; the node of its KV if it has some); the same
+    at the cross-node caps that may pay (`nodes.worth_crossing`, as the greedy decides); the
+    same-node shapes on another node and other instances (ties in free time broken from a
+    per-request offset, so identical requests can be placed side by side — otherwise every
+    request's capped candidates crowd onto the lowest-numbered free instances); cut at other
+    requests' arrivals; block boundaries rounded down and up. On one node this is every SP
+    cap over the whole cluster."""
+    planner = GreedyPlanner(problem)
+    state = planner.state()
     out = []
     for index in range(len(problem.requests)):
         seen: set[tuple[tuple[int, tuple[int, ...]], ...]] = set()
         cands = []
-        for label, plan in _variants(problem, index, greedy[index], free, by_free):
+        for label, plan in _variants(problem, index, greedy[index], planner, state):
             key = tuple((c.end_token, c.instances) for c in plan.chunks)
             if not key or key in seen:  # empty: its KV does not fit under that cap
                 continue

@@ -51,13 +51,14 @@ def expand_shape(
     """The Tetris shape as plain tuples (the greedy compares many before building one plan).
 
     `by_free` (instances sorted by free time) may be passed in when planning several caps
-    against the same free times, to sort once. `cuts` are extra times at which to end a chunk
-    without growing the group (e.g. other requests' arrivals), so an exact planner can fit
-    those requests in between. Empty when the request's KV cannot fit under this cap (see
-    `_kv_room`)."""
+    against the same free times, to sort once; only its instances (and the request's KV
+    group) may join, so a node's own list keeps the shape inside that node. `cuts` are extra
+    times at which to end a chunk without growing the group (e.g. other requests' arrivals),
+    so an exact planner can fit those requests in between. Empty when the request's KV cannot
+    fit under this cap (see `_kv_room`)."""
     cm = problem.cost_model
     chunk_seconds = cm.chunk_seconds
-    node_of = cm.cluster.prefill_node_of
+    node_of = problem.node_of
     block = problem.block_tokens
     limit = max_chunks if max_chunks is not None else problem.max_chunks
     total = request.prompt_tokens
@@ -73,7 +74,9 @@ def expand_shape(
     kv_set = set(group)
     waiting = [g for g in by_free if g not in kv_set] if kv_set else by_free
     capacity = cm.kv_capacity_tokens
-    reach = min(cap, len(free_s))
+    # The widest group these instances allow (a lost one never joins).
+    lost = problem.unreachable
+    reach = min(cap, len(group) + len(waiting) - (len(lost.intersection(waiting)) if lost else 0))
     # KV tokens of this request on the group's first member, the most loaded one: every chunk
     # spreads its tokens evenly over its group and every group contains the first member.
     top_load = -(-prefix // len(group)) if group else 0

@@ -54,6 +54,11 @@ class PendingRequest:
         return self.arrival_s + self.ttft_slo_s
 
 
+#: An instance shown free this far after now is out of reach (the ledger shows a lost one at
+#: now + 1e6 s): it does not count among the instances a request's KV may spread over.
+UNREACHABLE_S = 1e5
+
+
 @dataclass(frozen=True)
 class Problem:
     """Everything a planner may use. Times are absolute seconds on the executor's clock.
@@ -71,6 +76,12 @@ class Problem:
     gpu_cost_weight: float = 0.0
     miss_penalty: float = DEFAULT_MISS_PENALTY
     index_of: dict[str, int] = field(init=False, repr=False, compare=False)
+    # The cluster's node of each prefill instance, copied here because planners read it in hot
+    # loops and the (pydantic) cluster spec's private attributes are slow to reach.
+    node_of: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # Instances not free within UNREACHABLE_S of now (a lost instance is shown that far off):
+    # no plan can rely on them to hold KV.
+    unreachable: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.cost_model.cluster.prefill_instances
@@ -96,6 +107,10 @@ class Problem:
             if bad:
                 raise ValueError(f"request {r.request_id!r}: kv_instances {bad} out of [0, {n})")
         object.__setattr__(self, "index_of", index)
+        object.__setattr__(self, "node_of", self.cost_model.cluster.prefill_node_of)
+        horizon = self.now_s + UNREACHABLE_S
+        object.__setattr__(self, "unreachable", frozenset(
+            g for g, t in enumerate(self.availability_s) if t >= horizon))
 
     @property
     def num_instances(self) -> int:

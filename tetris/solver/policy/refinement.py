@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from tetris.solver.expansion import occupy
-from tetris.solver.greedy import best_cap_plan, cap_levels
+from tetris.solver.greedy import best_cap_plan
 from tetris.solver.objective import total_objective
 from tetris.solver.plan import ChunkPlan, RequestPlan
 from tetris.solver.policy.refinement_runs import RefinementRun
@@ -101,9 +101,8 @@ class BackgroundRefiner:
         free = [problem.free_at(g) for g in range(problem.num_instances)]
         for plan in plans:
             occupy(free, plan)
-        caps = cap_levels(problem.sp_limit)
         for r in sorted(newcomers, key=lambda q: (q.deadline_s, q.arrival_s)):
-            found = best_cap_plan(problem, r, free, caps)
+            found = best_cap_plan(problem, r, free)
             if found is None:
                 return None
             occupy(free, found[0])
