@@ -2,9 +2,11 @@
 
 Prefill keeps each rank's share of a chunk (the zigzag split the real workers use), the rank
 holding the prompt's last token answers with the first token, KV transfers move the counts to
-the decode ranks (which reserve what the engine asks), and a decode step makes every led request
-one token. The token produced after position p is `token_after(p)`, so a stream that repeats or
-skips a token shows it. Each call waits its configured delay.
+the decode ranks (which reserve what the engine asks; a streamed batch leaves the sources' counts
+until the engine frees them), and a decode step makes every led request one token. The token
+produced after position p is `token_after(p)`, so a stream that repeats or skips a token shows
+it. Each call waits its configured delay. `calls` records each call as it starts, and
+"prefilled"/"streamed" as a chunk or streamed batch ends.
 
 Faults, as the real pool reports them: a prefill of a request named in `fail_prefill` raises on
 its last rank (a live rank failing); `kill(rank)` ends an instance (its KV gone, every call on
@@ -22,7 +24,7 @@ from typing import Any
 
 from tetris.runtime.batch_attend import DecodeEntry
 from tetris.runtime.instance_pool import InstanceLost, PrefillResult, StepResult
-from tetris.runtime.kv_moves import KVMove
+from tetris.runtime.kv_moves import KVBatch, KVMove
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.plan import ChunkSpec
 
@@ -137,7 +139,30 @@ class FakePool:
             first = token_after(chunk.end_token - 1) if sampling is not None and has_last \
                 else None
             out.append(PrefillResult(self.prefill_delay_s, first, "sampler" if first else None))
+        self.calls.append(f"prefilled {request_id} [{chunk.start_token},{chunk.end_token})")
         return out
+
+    async def stream_kv(self, request_id: str, batch: KVBatch, lead: int,
+                        sampling: SamplingParams | None = None,
+                        sampler_state: Any = None) -> list[BaseException]:
+        self.calls.append(f"stream {request_id} {sum(m.tokens for m in batch.moves)}"
+                          f"{' +sampler' if sampling is not None else ''}")
+        assert not self._reforming, "work sent while the data plane is re-formed"
+        assert sampling is None or sampler_state == "sampler"
+        await asyncio.sleep(self.transfer_delay_s)
+        ranks = sorted({*batch.starts, *batch.receivers, lead})
+        errors = [f for r in ranks if (f := self._fault(r, ranks)) is not None]
+        if errors:
+            return errors
+        for g, start in batch.starts.items():
+            sent = sum(m.tokens for m in batch.moves if m.source == g)
+            assert self.kv[g].get(request_id, 0) >= start + sent, (g, start, sent)
+        for d, n in batch.reserve.items():
+            self.kv[d][request_id] = self.kv[d].get(request_id, 0) + n
+        for d in {m.dest for m in batch.moves} | ({lead} if sampling is not None else set()):
+            assert request_id in self.kv[d], f"rank {d} receives {request_id} with no room"
+        self.calls.append(f"streamed {request_id}")
+        return []
 
     async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
                       reserve: Sequence[int], sampling: SamplingParams,

@@ -138,8 +138,9 @@ def test_cancel_while_waiting_and_while_a_chunk_runs_frees_everything() -> None:
 
 
 def test_cancel_during_kv_transfer_and_during_decode_frees_everything() -> None:
-    """Transfers of 0.2 s and steps of 20 ms: "a" leaves while its KV moves (freed when the
-    transfer ends, on both sides), "b" after two tokens of decode."""
+    """Transfers of 0.2 s and steps of 20 ms, KV moved after prefill (stream_kv off): "a"
+    leaves while its KV moves (freed when the transfer ends, on both sides), "b" after two
+    tokens of decode."""
     async def test(engine: Engine, pool: FakePool) -> None:
         a = await submit(engine, "a", 100, max_tokens=50)
         await until(lambda: "move a" in pool.calls)
@@ -154,7 +155,8 @@ def test_cancel_during_kv_transfer_and_during_decode_frees_everything() -> None:
                 assert event.finish_reason == "abort"
         assert tokens == 3
         await settled(engine, pool)
-    run(test, FakePool(transfer_delay_s=0.2, step_delay_s=0.02))
+    run(test, FakePool(transfer_delay_s=0.2, step_delay_s=0.02),
+        settings=SETTINGS.model_copy(update={"stream_kv": False}))
 
 
 def test_a_chunk_failing_every_time_fails_its_request_only() -> None:

@@ -1,4 +1,5 @@
-"""KV moves from prefill ranks to decode instances, and per-rank token counts of a chunk."""
+"""KV moves from prefill ranks to decode instances (after prefill, or streamed chunk by chunk),
+and per-rank token counts of a chunk."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tetris.runtime.chunking import zigzag_positions
-from tetris.runtime.kv_moves import KVMove, plan_kv_moves
+from tetris.runtime.kv_moves import KVMove, KVRoute, plan_kv_moves, stream_shares
 from tetris.solver.plan import ChunkSpec
 
 
@@ -60,3 +61,61 @@ def test_tokens_on_rank_counts_the_zigzag_split(start: int, n: int, ranks: list[
     for r in range(8):
         want = zigzag_positions(chunk, r).numel() if r in ranks else 0
         assert chunk.tokens_on(r) == want
+
+
+def test_stream_shares_fill_as_the_moves_after_prefill_do() -> None:
+    """100 prompt tokens, lead room 80 (30 to generate) and 50: the non-lead takes 50, the
+    lead 50 (its reservation 80), as `plan_kv_moves` fills them; too little room is an error."""
+    assert stream_shares(100, (80, 50), 30) == [50, 50]
+    with pytest.raises(ValueError, match="cannot hold"):
+        stream_shares(100, (60, 50), 30)
+
+
+def test_route_streams_three_chunks_in_append_order() -> None:
+    """Chunks held as {0: 64}, then {0: 96, 1: 32}, then {0: 120, 1: 60} (prefill ranks 0, 1)
+    onto lead 5 (share 100) and 6 (share 80): each batch sends only the new tokens from where
+    the source stopped, the non-lead fills first, and the reservation comes once."""
+    route = KVRoute((5, 6), [100, 80], [110, 80])
+    first = route.next_batch({0: 64})
+    assert first is not None
+    assert first.moves == (KVMove(0, 6, 64),) and first.starts == {0: 0}
+    assert first.reserve == {5: 110, 6: 80}
+    second = route.next_batch({0: 96, 1: 32})
+    assert second is not None
+    assert second.moves == (KVMove(0, 5, 16), KVMove(0, 6, 16), KVMove(1, 5, 32))
+    assert second.starts == {0: 64, 1: 0} and second.reserve == {}
+    assert route.next_batch({0: 96, 1: 32}) is None and not route.done
+    third = route.next_batch({0: 120, 1: 60})
+    assert third is not None and third.starts == {0: 96, 1: 32} and route.done
+    assert sum(m.tokens for m in third.moves) == 52
+
+
+@given(st.lists(st.dictionaries(st.integers(0, 3), st.integers(1, 40), min_size=1),
+                min_size=1, max_size=5),
+       st.lists(st.integers(0, 150), min_size=1, max_size=3), st.integers(0, 20))
+def test_route_sends_every_token_once_within_the_shares(chunks: list[dict[int, int]],
+                                                        rooms: list[int], gen: int) -> None:
+    """Any chunk sequence: every source's tokens leave in contiguous runs from 0, each token
+    once, each destination gets exactly its share, and moves are in (source, dest) order."""
+    total = sum(n for c in chunks for n in c.values())
+    try:
+        shares = stream_shares(total, rooms, gen)
+    except ValueError:
+        return
+    dests = tuple(10 + i for i in range(len(rooms)))
+    route = KVRoute(dests, shares, [s + (gen if i == 0 else 0) for i, s in enumerate(shares)])
+    held: dict[int, int] = {}
+    got = dict.fromkeys(dests, 0)
+    for chunk in chunks:
+        before = dict(held)
+        for g, n in chunk.items():
+            held[g] = held.get(g, 0) + n
+        batch = route.next_batch(held)
+        assert batch is not None
+        assert batch.starts == {g: before.get(g, 0) for g in sorted(chunk)}
+        for g in chunk:
+            assert sum(m.tokens for m in batch.moves if m.source == g) == chunk[g]
+        assert list(batch.moves) == sorted(batch.moves, key=lambda m: (m.source, m.dest))
+        for m in batch.moves:
+            got[m.dest] += m.tokens
+    assert route.done and [got[d] for d in dests] == shares

@@ -3,6 +3,10 @@
 World rank r < P is prefill instance r (the planners' instance index); rank P + j is decode
 instance j. Actors ask for one GPU each when `device` is CUDA; on CPU they take no CPU slot
 (`num_cpus=0`, one torch thread each), so a 2-core machine can hold several.
+
+Each actor runs its calls on one thread, in submission order, except those sent to its "kv"
+concurrency group (`KV_GROUP`: streamed KV transfers), which run in their own submission order
+on a second thread, so a transfer never waits for a chunk and a chunk never waits for one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from tetris.runtime.ports import free_port
 from tetris.runtime.worker import InstanceWorker, WorkerConfig
 
 SETUP_TIMEOUT_S = 600.0
+KV_GROUP = "kv"
 
 
 def _rendezvous() -> tuple[str, int]:
@@ -97,7 +102,9 @@ class WorkerPool:
             raise ValueError("a serving cluster needs at least one prefill and one decode "
                              "instance")
         gpu = device.startswith("cuda")
-        options: dict[str, Any] = {"num_cpus": 0}
+        # One thread for the kv group: streamed transfers keep the engine's order among
+        # themselves, which is what keeps their blocking sends and receives deadlock-free.
+        options: dict[str, Any] = {"num_cpus": 0, "concurrency_groups": {KV_GROUP: 1}}
         if gpu:
             options["num_gpus"] = gpus_per_instance
         remote = ray.remote(**options)(_Actor)

@@ -8,7 +8,9 @@ none has room, the fewest instances whose free room covers it (decode SP). The i
 most room leads (it keeps the generated tokens); the prompt's KV then moves point to point from
 the prefill ranks holding it (`kv_moves.plan_kv_moves`), which are held busy meanwhile. Once its
 KV is in, the request joins the batch: every step runs one token of every decoding request,
-each decode rank getting the entries it leads or lends KV to, all at once.
+each decode rank getting the entries it leads or lends KV to, all at once. A request placed while
+it still prefills (KV streaming) is handed to `kv_stream.KVStreams` instead, which sends its
+finished chunks' KV as they end and hands it back (`_joined`) once all of it is in.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 from tetris.runtime.batch_attend import DecodeEntry
 from tetris.runtime.engine_request import EngineRequest, Phase
 from tetris.runtime.instance_pool import InstancePool
-from tetris.runtime.kv_moves import KVMove, plan_kv_moves
+from tetris.runtime.kv_moves import KVMove, KVRoute, plan_kv_moves, stream_shares
+from tetris.runtime.kv_stream import KVStreams
 from tetris.runtime.live_requests import LiveRequests
 from tetris.runtime.metrics import ServingMetrics
 from tetris.solver.policy.ledger import Ledger
@@ -49,12 +52,15 @@ class DecodeRunner:
         self._work = asyncio.Event()
         self._transfers: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.streams = KVStreams(pool, ledger, requests, metrics, on_fault, self._joined)
 
     def submit(self, state: EngineRequest) -> None:
-        """Its first token is out: queue it for decode room (its KV: the prompt plus every
-        token still to come but the last, whose KV is never computed)."""
-        self.queue.submit(state.request_id,
-                          state.prompt_tokens + state.request.sampling.max_tokens - 1)
+        """Queue it for decode room (its KV: the prompt plus every token still to come but the
+        last, whose KV is never computed): once its first token is out, or with KV streaming
+        once its first chunk ended."""
+        if state.request_id not in self.queue and state.request_id not in self.streams:
+            self.queue.submit(state.request_id,
+                              state.prompt_tokens + state.request.sampling.max_tokens - 1)
 
     def forget(self, state: EngineRequest) -> None:
         """It ended outside a step (cancelled): leave the batch."""
@@ -63,7 +69,7 @@ class DecodeRunner:
 
     @property
     def in_flight(self) -> bool:
-        return self.stepping or bool(self._transfers)
+        return self.stepping or bool(self._transfers) or bool(self.streams.tasks)
 
     def wake(self) -> None:
         self._work.set()
@@ -73,6 +79,7 @@ class DecodeRunner:
         self._work.set()
         for task in list(self._transfers):
             task.cancel()
+        self.streams.stop()
 
     # -- placement and KV transfer --------------------------------------------------------------
     def admit(self) -> None:
@@ -89,10 +96,23 @@ class DecodeRunner:
             if not self.pool.can_group(dests):
                 return  # a decode group that cannot be made until the data plane is re-formed
             rooms = [self.pool.decode_kv_tokens - ledger.decode_reserved[j] for j in instances]
+            generate = state.request.sampling.max_tokens - len(state.output)
+            if rid in ledger.prefill:  # still prefilling: its KV streams in from now on
+                try:
+                    shares = stream_shares(len(state.prefill_ids), rooms, generate)
+                except ValueError:
+                    return
+                reserve = [*shares]
+                reserve[0] += generate
+                self.queue.pop()
+                ledger.decode_begin(rid, instances, tuple(reserve))
+                state.decode_ranks = dests
+                state.summary.decode_instances = instances
+                self.streams.begin(state, KVRoute(dests, shares, reserve))
+                continue
             try:
                 moves, reserve = plan_kv_moves(ledger.handoff[rid].kv_held, dests, rooms,
-                                               state.request.sampling.max_tokens
-                                               - len(state.output))
+                                               generate)
             except ValueError:
                 return  # the lead lacks room for the generated tokens yet: wait
             sources = tuple(sorted({m.source for m in moves}))
@@ -133,6 +153,14 @@ class DecodeRunner:
         if state.redo_pending:
             self.on_fault(state, ())  # its KV was on an instance lost meanwhile
             return
+        if state.summary.prefilled_after_s is not None:
+            self.metrics.observe_kv_handoff(time.monotonic() - state.arrival_wall
+                                            - state.summary.prefilled_after_s)
+        self._joined(state)
+
+    def _joined(self, state: EngineRequest) -> None:
+        """All of its KV is on its decode instances: it decodes from the next step on."""
+        state.phase = Phase.DECODE
         self.active.append(state)
         self._work.set()
 

@@ -6,7 +6,8 @@ issued in one global order (see `worker.py`):
   the prefill policy (`tetris.solver.policy.make_policy`, the simulator's) plans the ledger's
   view on the planner thread — never on this loop — its launches are checked against the ledger
   as it is by then and started, each on all the ranks of its group together; then the decode
-  side places prefilled requests on decode instances (`decode_runner.py`);
+  side places prefilled requests on decode instances (`decode_runner.py`; with KV streaming,
+  from a request's first chunk's end on, its KV following chunk by chunk: `kv_stream.py`);
 - one task per running chunk, and the decode loop.
 CP-SAT refinement (the `tetris` policy) runs on a thread of its own and its plans are used at a
 later decision, exactly as in the simulator. The `Ledger` is the one book of what runs where and
@@ -302,13 +303,14 @@ class Engine:
         ids = list(prefill_ids[c.start_token:c.end_token])
         sampling = state.request.sampling if c.end_token == len(prefill_ids) else None
         self.pool.ensure_group(c.instances)
+        # Counted before the task runs: a drain (`drained`) starting meanwhile must wait for it.
+        self.chunks_in_flight += 1
         self._spawn(self._run_chunk(state, launch, ids, sampling))
 
     async def _run_chunk(self, state: EngineRequest, launch: Launch, ids: list[int],
                          sampling: Any) -> None:
         c = launch.chunk
         started = time.monotonic()
-        self.chunks_in_flight += 1
         try:
             results = await self.pool.prefill(state.request_id, c, ids, sampling)
         finally:
@@ -334,22 +336,35 @@ class Engine:
             return
         self.metrics.count_chunk(c.sp)
         state.record_chunk(c.start_token, c.end_token, c.instances, seconds)
-        if c.end_token == len(state.prefill_ids):
-            self._prefilled(state, [r for r in results if isinstance(r, PrefillResult)])
+        last = c.end_token == len(state.prefill_ids)
+        if last and not self._prefilled(state, [r for r in results
+                                                if isinstance(r, PrefillResult)]):
+            return
+        # After the first token is taken: the last chunk's batch hands the sampler over.
+        self.decode.streams.chunk_done(state, c)
+        if not last and self.options.settings.stream_kv:
+            self.decode.submit(state)  # decode room sought from its first chunk on
 
-    def _prefilled(self, state: EngineRequest, results: list[PrefillResult]) -> None:
+    def _prefilled(self, state: EngineRequest, results: list[PrefillResult]) -> bool:
+        """Its first token: False if that ended it."""
         first = next(r for r in results if r.first_token is not None)
         assert first.first_token is not None
         state.sampler_state = first.sampler_state
+        now = time.monotonic()
         if state.output:  # redone after a loss: this token continues its stream
-            self.metrics.observe_inter_token(time.monotonic() - state.last_token_wall)
+            self.metrics.observe_inter_token(now - state.last_token_wall)
         else:
-            self.metrics.observe_ttft(time.monotonic() - state.arrival_wall)
+            self.metrics.observe_ttft(now - state.arrival_wall)
+        state.summary.prefilled_after_s = now - state.arrival_wall
         finish = state.add_tokens([first.first_token])
         if finish is not None:
             self.requests.finished(state, finish)
-            return
-        state.phase = Phase.TO_DECODE
-        self.decode.submit(state)
+            return False
+        if state.request_id in self.decode.streams:
+            state.phase = Phase.DECODE  # placed while it prefilled: the rest of its KV streams
+        else:
+            state.phase = Phase.TO_DECODE
+            self.decode.submit(state)
         self.requests.update_gauges()
+        return True
 

@@ -52,6 +52,15 @@ class ChunkRun:
 
 
 @dataclass(frozen=True)
+class KVLanding:
+    """A streamed batch of the prompt's KV is on the decode instances: `tokens` of it there by
+    then, `after_s` seconds after the request arrived."""
+
+    tokens: int
+    after_s: float
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """New output since the previous event. `finish_reason` is set on the last event only."""
 
@@ -69,6 +78,8 @@ class RequestSummary:
     token_ids: list[int] = field(default_factory=list)  # every output token, EOS included
     chunks: list[ChunkRun] = field(default_factory=list)
     decode_instances: tuple[int, ...] = ()
+    prefilled_after_s: float | None = None  # when its (latest) last chunk ended, after arrival
+    kv_landed: list[KVLanding] = field(default_factory=list)  # streamed batches, in order
 
 
 class RequestStream(Protocol):

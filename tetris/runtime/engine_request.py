@@ -57,6 +57,8 @@ class EngineRequest:
     redo_ids: list[int] | None = None
     redos: int = 0
     redo_pending: bool = False  # lost while its chunk or transfer was in flight
+    # Prefill rank -> KV tokens of its finished chunks (of this attempt): what may stream.
+    kv_done: dict[int, int] = field(default_factory=dict)
     events: asyncio.Queue[TokenEvent | Exception] = field(default_factory=asyncio.Queue)
     deadline: asyncio.TimerHandle | None = None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tetris.runtime.batch_attend import DecodeEntry
-from tetris.runtime.kv_moves import KVMove
+from tetris.runtime.kv_moves import KVBatch, KVMove
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.plan import ChunkSpec
 
@@ -89,6 +89,15 @@ class InstancePool(Protocol):
         """Send the prompt's KV from the moves' sources (which free it) to `dests` (ranks,
         the lead first, each taking `reserve[i]` tokens of room); the errors, if any
         (InstanceLost for a rank whose process is gone)."""
+
+    async def stream_kv(self, request_id: str, batch: KVBatch, lead: int,
+                        sampling: SamplingParams | None = None,
+                        sampler_state: Any = None) -> list[BaseException]:
+        """Copy KV of finished chunks of a request (maybe still prefilling) to its decode
+        ranks beside the instances' other work: the batch's sources send (and keep) their
+        KV, its receivers take their room and receive; with `sampling`, the `lead` also
+        gets the sampler (the last batch). Streamed batches keep the order they were made in
+        among themselves on every rank. The errors, as `move_kv`'s."""
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
                           ) -> StepResult:

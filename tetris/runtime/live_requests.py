@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from tetris.runtime.engine_api import FinishReason
 from tetris.runtime.engine_request import EngineRequest, Phase
@@ -26,6 +27,8 @@ class LiveRequests:
         self.ledger, self.pool, self.queue, self.metrics = ledger, pool, queue, metrics
         self.wake = wake
         self.by_id: dict[str, EngineRequest] = {}
+        # Told of a release the ledger deferred (a KV stream's owner: see `kv_stream.py`).
+        self.on_deferred: Callable[[str], None] = lambda request_id: None
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -54,7 +57,10 @@ class LiveRequests:
         if state.deadline is not None:
             state.deadline.cancel()
         self.queue.remove(state.request_id)
-        self.free(self.ledger.release(state.request_id))
+        released = self.ledger.release(state.request_id)
+        self.free(released)
+        if released is None:
+            self.on_deferred(state.request_id)
         self.by_id.pop(state.request_id, None)
         self.update_gauges()
         self.wake.set()

@@ -35,6 +35,9 @@ class ServingMetrics:
                                 "Time from arrival until the request's prefill starts.")
         self._solver = histogram("tetris:solver_latency_seconds",
                                  "Wall time of one planner (solver) run.")
+        self._handoff = histogram("tetris:kv_handoff_seconds",
+                                  "Time from a request's last prefill chunk's end until all of "
+                                  "its KV is on its decode instances (streamed or moved).")
         self._running = Gauge("tetris:num_requests_running", "Requests in prefill or decode.",
                               registry=self.registry)
         self._waiting = Gauge("tetris:num_requests_waiting", "Requests waiting to be planned.",
@@ -98,6 +101,9 @@ class ServingMetrics:
 
     def observe_solver(self, seconds: float) -> None:
         self._solver.observe(_duration(seconds))
+
+    def observe_kv_handoff(self, seconds: float) -> None:
+        self._handoff.observe(_duration(seconds))
 
     def set_requests(self, running: int, waiting: int) -> None:
         if running < 0 or waiting < 0:

@@ -15,10 +15,10 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tetris.runtime.actors import SETUP_TIMEOUT_S, WorkerPool
+from tetris.runtime.actors import KV_GROUP, SETUP_TIMEOUT_S, WorkerPool
 from tetris.runtime.batch_attend import DecodeEntry
 from tetris.runtime.instance_pool import InstanceLost, PrefillResult, StepResult
-from tetris.runtime.kv_moves import KVMove
+from tetris.runtime.kv_moves import KVBatch, KVMove
 from tetris.runtime.sampling import SamplingParams
 from tetris.solver.plan import ChunkSpec
 
@@ -116,6 +116,27 @@ class RayInstances:
         results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
         ranks = [*sources, *dests]
         return [self._translate(r, x) for r, x in zip(ranks, results, strict=True)
+                if isinstance(x, BaseException)]
+
+    async def stream_kv(self, request_id: str, batch: KVBatch, lead: int,
+                        sampling: SamplingParams | None = None,
+                        sampler_state: Any = None) -> list[BaseException]:
+        moves = list(batch.moves)
+        sources = sorted(batch.starts)
+        receivers = sorted({*batch.receivers, *((lead,) if sampling is not None else ())})
+
+        def kv(rank: int, method: str) -> Any:
+            return getattr(self.workers.actor(rank), method).options(concurrency_group=KV_GROUP)
+
+        sends = [kv(g, "send_kv").remote(request_id, moves, batch.starts[g], True)
+                 for g in sources]
+        recvs = [kv(d, "recv_kv").remote(
+            request_id, moves, batch.reserve.get(d, 0),
+            *((sampling, sampler_state) if d == lead and sampling is not None else (None, None)),
+            True) for d in receivers]
+        results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
+        return [self._translate(r, x) for r, x in zip([*sources, *receivers], results,
+                                                      strict=True)
                 if isinstance(x, BaseException)]
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]

@@ -93,14 +93,22 @@ class Recovery:
                 continue
             if entry.running or entry.moving:
                 state.redo_pending = True  # redone when that work returns
+                e.decode.streams.poke(rid)  # a KV stream between batches: cut now
             else:
                 self.redo(state)
         self._start()
 
     def redo(self, state: EngineRequest) -> None:
-        """Free all it holds and prefill it again, prompt and output so far."""
+        """Free all it holds and prefill it again, prompt and output so far (once its running
+        chunk has ended and its KV stream is cut, if it has either)."""
         e = self.engine
+        entry = e.ledger.entry(state.request_id)
+        if entry is not None and (entry.running or entry.moving):
+            state.redo_pending = True
+            e.decode.streams.poke(state.request_id)
+            return
         state.redo_pending = False
+        state.kv_done = {}
         state.redos += 1
         e.decode.forget(state)
         e.requests.queue.remove(state.request_id)

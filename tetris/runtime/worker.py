@@ -15,6 +15,9 @@ global order (no deadlock).
   would disagree on names (measured: `use_local_synchronization` hung for that reason).
 - KV transfer prefill → decode: gloo/NCCL point-to-point, one packed tensor per move
   (`benchmarks/kv_transfer_cpu.py` measured it 3–5× faster than Ray's object store here).
+  Streamed (`stream=True`): over a process group of its own (every rank's `transfer_group`),
+  on a second thread of the host (the actor's "kv" concurrency group), beside the chunks and
+  decode steps of the first; see `send_kv`.
 - Decode: continuous batching (`decode_step`) over every request this rank leads or lends KV to.
 - KV space is checked then taken: the driver checks its ledger before launching, `allocate`
   raises MemoryError if the room is gone, and nothing is written before the room is taken.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,6 +98,10 @@ class InstanceWorker:
         self.samplers: dict[str, Sampler] = {}
         self.faults: dict[FaultPoint, Fault] = {}
         self._listener: socket.socket | None = None  # rank 0: the store's bound socket
+        self.transfer_group: dist.ProcessGroup | None = None
+        # Streamed KV is received on a second thread: the cache's book of requests (a dict
+        # the first thread iterates to count room) changes only under this lock.
+        self._room = threading.Lock()
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Load the model and join the world (every instance calls this at once; rank 0
@@ -142,6 +150,9 @@ class InstanceWorker:
         backend = "nccl" if c.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, store=store, rank=c.rank, world_size=c.world_size,
                                 timeout=self._timeout)
+        # Streamed KV travels on a group of its own: its messages never interleave with the
+        # collectives and transfers the first thread issues on the others.
+        self.transfer_group = dist.new_group(list(range(c.world_size)), timeout=self._timeout)
 
     @property
     def _timeout(self) -> datetime.timedelta:
@@ -188,16 +199,19 @@ class InstanceWorker:
     def allocate(self, request_id: str, tokens: int) -> None:
         """Take room for `tokens` more KV tokens of the request; MemoryError if it is gone."""
         cache = self.cache
-        if not cache.can_allocate(tokens):
-            raise MemoryError(f"rank {self.config.rank}: no KV room for {tokens} tokens of "
-                              f"{request_id!r} ({cache.num_free_tokens} free)")
-        cache.allocate(request_id, tokens)
+        with self._room:
+            if not cache.can_allocate(tokens):
+                raise MemoryError(f"rank {self.config.rank}: no KV room for {tokens} tokens of "
+                                  f"{request_id!r} ({cache.num_free_tokens} free)")
+            cache.allocate(request_id, tokens)
 
     def free_tokens(self) -> int:
-        return self.cache.num_free_tokens
+        with self._room:
+            return self.cache.num_free_tokens
 
     def free(self, request_id: str) -> None:
-        self.cache.free(request_id)
+        with self._room:
+            self.cache.free(request_id)
         self.samplers.pop(request_id, None)
 
     # -- prefill ----------------------------------------------------------------------------
@@ -223,7 +237,7 @@ class InstanceWorker:
         one rank cannot run the chunk, all raise together instead of leaving the others
         waiting inside the chunk's collectives."""
         need = chunk.tokens_on(self.config.rank)
-        room = self.cache.num_free_tokens
+        room = self.free_tokens()
         if chunk.sp > 1:
             flag = torch.tensor([1 if need <= room else 0], dtype=torch.int32,
                                 device=self.cache.device)
@@ -257,11 +271,18 @@ class InstanceWorker:
         return None
 
     # -- KV transfer ------------------------------------------------------------------------
-    def send_kv(self, request_id: str, moves: Sequence[KVMove]) -> None:
-        """Send this rank's KV of the request, move by move, then free it here."""
+    def send_kv(self, request_id: str, moves: Sequence[KVMove], start: int = 0,
+                stream: bool = False) -> None:
+        """Send this rank's KV of the request from its `start`-th token on (append order),
+        move by move, then free it here. `stream`: a request still prefilling, from the
+        second thread over `transfer_group`; the KV is kept (later chunks attend to it, the
+        driver frees it once all is sent). Reading it beside a running chunk of the same
+        request is safe: the cache only appends, never rewrites a filled token, and a grown
+        buffer replaces the old one only once the filled tokens are copied into it."""
         cache = self.cache
         layers = range(cache.num_layers)
-        offset = 0
+        group = self.transfer_group if stream else None
+        offset = start
         for move in moves:
             if move.source != self.config.rank:
                 continue
@@ -269,19 +290,26 @@ class InstanceWorker:
             k = torch.stack([cache.get(request_id, layer)[0][offset:end] for layer in layers])
             v = torch.stack([cache.get(request_id, layer)[1][offset:end] for layer in layers])
             positions = cache.get(request_id, 0)[2][offset:end]
-            dist.send(torch.stack([k, v]).contiguous(), move.dest)
-            dist.send(positions.contiguous(), move.dest)
+            if positions.numel() != move.tokens:
+                raise RuntimeError(f"rank {self.config.rank}: KV of {request_id!r} ends at "
+                                   f"{offset + positions.numel()}, {end} to send")
+            dist.send(torch.stack([k, v]).contiguous(), move.dest, group=group)
+            dist.send(positions.contiguous(), move.dest, group=group)
             offset = end
-        self.free(request_id)
+        if not stream:
+            self.free(request_id)
 
     def recv_kv(self, request_id: str, moves: Sequence[KVMove], reserve_tokens: int,
                 sampling: SamplingParams | None = None,
-                sampler_state: torch.Tensor | None = None) -> None:
+                sampler_state: torch.Tensor | None = None, stream: bool = False) -> None:
         """Take room for `reserve_tokens` (the prompt share plus, on the lead, the tokens to
-        be generated), then receive every move addressed here. The lead also gets the
-        request's sampler, continuing the random stream of its first token."""
+        be generated; 0 for a later streamed batch), then receive every move addressed here.
+        The lead also gets the request's sampler, continuing the random stream of its first
+        token. `stream`: on the second thread over `transfer_group` (see `send_kv`), into a
+        request no decode step touches until the driver has seen every batch arrive."""
         cache = self.cache
         self.allocate(request_id, reserve_tokens)
+        group = self.transfer_group if stream else None
         shape = (cache.num_layers, 0, cache.num_kv_heads, cache.head_dim)
         for move in moves:
             if move.dest != self.config.rank:
@@ -289,8 +317,8 @@ class InstanceWorker:
             kv = torch.empty((2, shape[0], move.tokens, *shape[2:]), dtype=cache.dtype,
                              device=cache.device)
             positions = torch.empty(move.tokens, dtype=torch.int64, device=cache.device)
-            dist.recv(kv, move.source)
-            dist.recv(positions, move.source)
+            dist.recv(kv, move.source, group=group)
+            dist.recv(positions, move.source, group=group)
             for layer in range(cache.num_layers):
                 cache.append(request_id, layer, kv[0, layer], kv[1, layer], positions)
         if sampling is not None:
