@@ -288,3 +288,15 @@ def test_kv_transfer_linear_in_tokens(cm: CostModel, a: int, b: int, x: bool) ->
     assert f(a, True) >= f(a, False)
     if a < b:
         assert f(a, x) < f(b, x)
+
+
+@SETTINGS
+@given(cost_models, tokens, prefixes, sps, links)
+def test_chunk_is_a_batch_of_one(cm: CostModel, c: int, p: int, s: int, x: bool) -> None:
+    """chunk_seconds(c, p, s) equals batch_seconds of one chunk: c tokens, its causal pairs,
+    p + c KV tokens (the inlined copy and the general form agree)."""
+    pairs = c * p + c * (c + 1) / 2
+    assert cm.chunk_seconds(c, p, s, x) == cm.batch_seconds(c, pairs, p + c, s, x)
+    additive = CostModel(cm.model, cm.hardware, CLUSTER,
+                         cm.coefficients.model_copy(update={"ring_overlap": False}))
+    assert additive.chunk_seconds(c, p, s, x) == additive.batch_seconds(c, pairs, p + c, s, x)
