@@ -42,26 +42,23 @@ def drain(net: Network, events: EventQueue) -> dict[object, float]:
     return done
 
 
-def test_two_senders_into_one_nic_share_it() -> None:
-    """Prefill 0 and 1 (node 0) each send 1 GB to the decode GPU (node 1, one NIC): its way in
-    carries 1 GB/s, half each, so both end at 2 s."""
+@pytest.mark.parametrize(("sizes", "ends"), [
+    # 1 GB each through the decode GPU's one NIC (1 GB/s), half each: both end at 2 s.
+    ((1.0, 1.0), (2.0, 2.0)),
+    # 0.5 GB and 1 GB share it: the small one ends at 1 s; the other then runs alone at 1 GB/s
+    # for its last 0.5 GB and ends at 1.5 s.
+    ((0.5, 1.0), (1.0, 1.5)),
+])
+def test_two_senders_into_one_nic_share_it(sizes: tuple[float, float],
+                                           ends: tuple[float, float]) -> None:
+    """Prefill 0 and 1 (node 0) send to the decode GPU (node 1, one NIC): its way in is
+    shared equally, and a finished transfer gives its share back."""
     events = EventQueue()
     net = Network(ClusterSpec(prefill_instances=2, decode_instances=1, gpus_per_node=2), HW,
                   events)
-    net.start(0, 2, 1 * GB, 0.0, "a")
-    net.start(1, 2, 1 * GB, 0.0, "b")
-    assert drain(net, events) == pytest.approx({"a": 2.0, "b": 2.0})
-
-
-def test_a_finished_transfer_gives_its_share_back() -> None:
-    """0.5 GB and 1 GB share 1 GB/s: the small one ends at 1 s; the other then runs alone at
-    1 GB/s for its last 0.5 GB and ends at 1.5 s."""
-    events = EventQueue()
-    net = Network(ClusterSpec(prefill_instances=2, decode_instances=1, gpus_per_node=2), HW,
-                  events)
-    net.start(0, 2, 0.5 * GB, 0.0, "small")
-    net.start(1, 2, 1 * GB, 0.0, "big")
-    assert drain(net, events) == pytest.approx({"small": 1.0, "big": 1.5})
+    net.start(0, 2, sizes[0] * GB, 0.0, "a")
+    net.start(1, 2, sizes[1] * GB, 0.0, "b")
+    assert drain(net, events) == pytest.approx({"a": ends[0], "b": ends[1]})
 
 
 def test_a_late_transfer_slows_the_running_one() -> None:

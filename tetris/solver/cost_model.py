@@ -144,18 +144,8 @@ class CostModel:
     # -- prefill -----------------------------------------------------------------------------
     def chunk_seconds(self, tokens: int, prefix: int, sp: int, cross_node: bool = False) -> float:
         """T(c, p, s): seconds to prefill `tokens` after `prefix` on `sp` instances."""
-        # `batch_seconds` inlined: planners call this thousands of times per decision.
-        attn = self._attn * (tokens * prefix + tokens * (tokens + 1) / 2) / sp
-        if sp == 1:
-            return self._fixed + self._lin * tokens + attn
-        t = self._comm[1 if cross_node else 0] * (prefix + tokens) / sp + \
-            self._step[1 if cross_node else 0]
-        if self._overlap:
-            a = attn / sp
-            ring = a + (sp - 1) * (a if a > t else t)
-        else:
-            ring = attn + (sp - 1) * t
-        return self._fixed + self._lin * tokens / sp + ring
+        pairs = tokens * prefix + tokens * (tokens + 1) / 2
+        return self.batch_seconds(tokens, pairs, prefix + tokens, sp, cross_node)
 
     def batch_seconds(self, tokens: int, pairs: float, kv_tokens: int, sp: int,
                       cross_node: bool = False) -> float:
