@@ -30,6 +30,7 @@ from tetris.cli import (
     profile_cmd,
     serve_cmd,
     simulate_cmd,
+    trace_cmd,
     whatif_cmd,
 )
 from tetris.cli.errors import EXIT_USAGE, one_line
@@ -45,6 +46,7 @@ REGISTRARS: list[Registrar] = [
     generate_cmd.register,
     simulate_cmd.register,
     whatif_cmd.register,
+    trace_cmd.register,
     profile_cmd.register,
     serve_cmd.register,
 ]

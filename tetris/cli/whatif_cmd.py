@@ -2,11 +2,16 @@
 
 JSON contract (`--format json`; more keys may be added, none removed):
     {"trace", "slo", "cluster", "target",
-     "policies": {NAME: {"max_sustainable_rate_rps", "search", "plans_validated",
+     "bound": {"fixed_split_rps", "best_split": [P, D], "elastic_rps", "binding",
+               "configured_split", "per_request", ...}       (the fluid bound: bound.py)
+     "policies": {NAME: {"max_sustainable_rate_rps", "share_of_bound",
+                         "share_of_split_bound" (fixed roles), "search", "plans_validated",
                          "at_rates": [{"rate_rps", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
                                        "tbt_p50_s", "tbt_p99_s", "slo_attainment", ...}]}},
      "sweep": [{"point": {FIELD: VALUE}, "policies": {...}}],       (with --sweep)
-     "min_gpus": {NAME: {"rate_rps", "gpus", "prefill_instances", ...}}}  (with --min-gpus-for)
+     "min_gpus": {NAME: {"rate_rps", "gpus", "prefill_instances", ...}},  (with --min-gpus-for)
+     "best_split": {"from_bound": [P, D], "policies": {NAME: {"split", "max_sustainable_rate_rps",
+                    "tried": [...]}}}}                                   (with --best-split)
 With --fail / --mtbf-s, also "failures": the schedule, and every at-rate row has
 "failure_windows", "healthy_windows": {"before"|"during"|"after": {"requests",
 "slo_attainment", "ttft_attainment", "tbt_attainment", "ttft_p90_s", "requests_redone"}} and
@@ -35,6 +40,14 @@ from tetris.cli.sim_options import (
     trace_summary,
     workload_from_args,
 )
+from tetris.cli.whatif_bound import (
+    add_shares,
+    bound,
+    print_bound,
+    run_best_split,
+    split_policies,
+)
+from tetris.evaluation.bound import FluidBound
 from tetris.evaluation.plots import plot_attainment_vs_rate, plot_cdfs
 from tetris.evaluation.policies import POLICIES
 from tetris.evaluation.sim_config import SimConfig
@@ -102,6 +115,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="relative width at which the rate search stops (default %(default)s)")
     g.add_argument("--max-evals", type=positive_int, default=DEFAULT_MAX_EVALS,
                    help="simulations per rate search at most (default %(default)s)")
+    g.add_argument("--best-split", action="store_true",
+                   help="also find the fixed prefill:decode split of the same GPUs that "
+                   "sustains the most (from the fluid bound, confirmed by simulation)")
     g.add_argument("--start-rate", type=positive_float, metavar="RPS",
                    help="first rate the search tries (default: the trace's own)")
     add_config_options(p)
@@ -153,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if failures_requested(args):
         policies = _failure_policies(args, policies)
     _check(args, policies)
+    split_search = split_policies(args, policies) if args.best_split else []
     base = config_from_args(args)
     failures = failures_from_args(args, base)
     search, rates = not args.no_search, tuple(args.rates)
@@ -164,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     configs = [for_option("--sweep", apply_point, base, point) for point in points]
     for point, config in zip(points, configs, strict=True):
         _check_point(point, config, policies)
+    limits = [bound(workload, config, f"--sweep {json.dumps(point)}" if point else "bound")
+              for point, config in zip(points, configs, strict=True)]
     keep = args.plot_cdf is not None and args.at_rate_of is None
     units = [SearchUnit(policy, config, point, search=search,
                         rates=rates, target=args.target, rel_tol=args.rel_tol,
@@ -184,17 +203,26 @@ def run(args: argparse.Namespace) -> int:
         "slo": base.slo.model_dump(mode="json"),
         "cluster": base.model_dump(mode="json"),
         "target": args.target,
+        "bound": limits[0].to_json(),
     }
     if failures is not None:
         out["failures"] = {**failures.model_dump(mode="json"), "note": FAILURE_NOTE}
     by_point = [[o for o in outcomes if o.unit.point == point] for point in points]
-    out["policies"] = _policies_json(by_point[0]) if not args.sweep else {}
+    out["policies"] = _policies_json(by_point[0], limits[0]) if not args.sweep else {}
     if args.sweep:
-        out["sweep"] = [{"point": point, "policies": _policies_json(group)}
-                        for point, group in zip(points, by_point, strict=True)]
+        out["sweep"] = [{"point": point, "bound": limit.to_json(),
+                         "policies": _policies_json(group, limit)}
+                        for point, group, limit in zip(points, by_point, limits, strict=True)]
+    if split_search:
+        def run_units(batch: list[SearchUnit]) -> list[SearchOutcome]:
+            done = _execute([(run_search_unit, (workload, u)) for u in batch], args,
+                            "searching splits")
+            return [done[i] for i in range(len(batch))]
+
+        out["best_split"] = run_best_split(args, split_search, base, limits[0], run_units)
     if args.min_gpus_for is not None:
         out["min_gpus"] = {p: results[len(units) + k] for k, p in enumerate(policies)}
-    _plots(args, outcomes)
+    _plots(args, outcomes, limits[0])
     emit(out, args.format, print_table)
     return 0
 
@@ -234,7 +262,7 @@ def _at_rate_of(outcomes: list[SearchOutcome], workload: Workload,
     return outcomes
 
 
-def _policies_json(outcomes: list[SearchOutcome]) -> dict[str, Any]:
+def _policies_json(outcomes: list[SearchOutcome], limit: FluidBound) -> dict[str, Any]:
     out = {}
     for o in outcomes:
         rows = []
@@ -250,16 +278,22 @@ def _policies_json(outcomes: list[SearchOutcome]) -> dict[str, Any]:
             "plans_validated": o.plans_validated,
             "architecture": POLICIES[o.unit.policy].architecture,
         }
+    add_shares(out, limit)
     return out
 
 
-def _plots(args: argparse.Namespace, outcomes: list[SearchOutcome]) -> None:
+def _plots(args: argparse.Namespace, outcomes: list[SearchOutcome],
+           limit: FluidBound) -> None:
     first_point = outcomes[0].unit.point if outcomes else {}
     mine = [o for o in outcomes if o.unit.point == first_point]
     if args.plot_attainment is not None:
+        c = limit.configured
+        bounds = {"bound, elastic roles": limit.elastic_rps,
+                  f"bound, {c.prefill}+{c.decode} split": c.rps}
         curves = {o.unit.policy: [(r, a) for r, a in o.capacity["evaluations"]]
                   for o in mine if o.capacity}
-        plot_attainment_vs_rate(curves, args.plot_attainment, target=args.target)
+        plot_attainment_vs_rate(curves, args.plot_attainment, target=args.target,
+                                bounds=bounds)
     if args.plot_cdf is not None:
         runs = {o.unit.policy: o.at_rates[-1].records or [] for o in mine if o.at_rates}
         plot_cdfs(runs, args.plot_cdf)
@@ -290,7 +324,9 @@ def print_table(out: dict[str, Any]) -> None:
                     "TBT p50/p99 (s)", "attainment"):
             table.add_column(col)
         for name, res in policies.items():
-            table.add_row(name, number(res["max_sustainable_rate_rps"]), "", "", "", "")
+            share = res.get("share_of_bound")
+            table.add_row(name, number(res["max_sustainable_rate_rps"]) + (
+                f" ({share:.0%} of bound)" if share is not None else ""), "", "", "", "")
             for r in res["at_rates"]:
                 table.add_row("", "", _rate_label(r),
                               "/".join(number(r[k], 3) for k in
@@ -299,6 +335,7 @@ def print_table(out: dict[str, Any]) -> None:
                               number(r["slo_attainment"], 3))
         console.print(table)
         print_failure_windows(console, policies)
+    print_bound(console, out)
     for name, res in (out.get("min_gpus") or {}).items():
         console.print(f"{name}: fewest GPUs for {res['rate_rps']:g} req/s = {res['gpus']}")
 

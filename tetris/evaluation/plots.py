@@ -69,8 +69,10 @@ def plot_attainment_vs_rate(
     *,
     target: float = 0.9,
     title: str | None = None,
+    bounds: Mapping[str, float] | None = None,
 ) -> None:
-    """SLO attainment against arrival rate, from (rate, attainment) points per policy."""
+    """SLO attainment against arrival rate, from (rate, attainment) points per policy;
+    `bounds` (label -> req/s) are drawn as vertical lines: the limits no policy can pass."""
     fmt = _format(path)
     fig, (ax,) = _figure(ncols=1)
     for policy, points in curves.items():
@@ -79,6 +81,9 @@ def plot_attainment_vs_rate(
                 linewidth=1.6, label=policy)
     ax.axhline(target, color=TARGET_COLOUR, linestyle="--", linewidth=1.2,
                label=f"target {target:g}")
+    for (label, rate), style in zip((bounds or {}).items(), ("-", "-.", ":"), strict=False):
+        ax.axvline(rate, color="black", linestyle=style, linewidth=1.0,
+                   label=f"{label} {rate:.3g}")
     ax.set_ylim(0.0, 1.05)
     _style(ax, xlabel="arrival rate (requests/s)", ylabel="SLO attainment")
     ax.set_title(title or "SLO attainment vs arrival rate", fontsize=11, loc="left")

@@ -176,12 +176,18 @@ def split_gpus(config: SimConfig, total: int) -> SimConfig:
         raise ValueError(f"a disaggregated cluster needs at least 2 GPUs, got {total}")
     prefill = round(total * config.prefill_instances / config.total_gpus)
     prefill = min(total - 1, max(1, prefill))
+    return with_split(config, prefill, total - prefill)
+
+
+def with_split(config: SimConfig, prefill: int, decode: int) -> SimConfig:
+    """`config` with `prefill` + `decode` instances; the policies' group sizes capped to the
+    prefill pool."""
     p = config.policy
     policy = p.model_copy(update={
         "static_sp": min(p.static_sp, prefill), "distserve_group": min(p.distserve_group, prefill),
         "max_sp": None if p.max_sp is None else min(p.max_sp, prefill)})
     return SimConfig.model_validate(config.model_dump() | {
-        "prefill_instances": prefill, "decode_instances": total - prefill,
+        "prefill_instances": prefill, "decode_instances": decode,
         "policy": policy.model_dump()})
 
 

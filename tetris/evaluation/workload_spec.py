@@ -6,6 +6,8 @@
                  | "azure:" PATH             Azure LLM inference CSV (TIMESTAMP,ContextTokens,...)
                  | "synthetic:" KV ("," KV)*
                  | PATH                      .jsonl -> mooncake; .csv with the Azure header -> azure
+                 | NAME                      a public trace fetched by `tetris trace fetch NAME`
+                                             (trace_catalog.CATALOG; also as a PATH below)
     KV          := KEY "=" VALUE
         n=INT                   number of requests (required)
         rate=FLOAT              arrival rate in req/s (required)
@@ -56,6 +58,7 @@ from tetris.evaluation.synthetic import (
     Zipf,
     synthetic_workload,
 )
+from tetris.evaluation.trace_catalog import PublicTrace, fetched_path, local_path, public_trace
 from tetris.evaluation.trace_formats import (
     TraceFormatError,
     load_azure,
@@ -98,12 +101,25 @@ def load_workload(spec: str, *, seed: int = 0, spread_buckets: bool = True) -> W
     if sep and kind == "synthetic":
         return _synthetic_from_spec(rest, spec, seed)
     path = Path(spec)
+    trace = public_trace(spec)
+    if trace is not None and not path.exists():
+        return _load_public(trace, spec, seed=seed, spread_buckets=spread_buckets)
     if not path.exists():
         if sep and "/" not in kind and "\\" not in kind:
             raise WorkloadSpecError(f"workload spec {_q(spec)}: unknown kind {_q(kind)} (use "
                                     "mooncake:PATH, azure:PATH, synthetic:KEY=VAL,... or a path)")
         raise FileNotFoundError(f"workload spec {_q(spec)}: no such file")
     return _load_by_content(path, spec, seed=seed, spread_buckets=spread_buckets)
+
+
+def _load_public(trace: PublicTrace, spec: str, *, seed: int, spread_buckets: bool) -> Workload:
+    path = fetched_path(trace.name)
+    if trace.kind == "mooncake":
+        return load_mooncake(path, spread_buckets=spread_buckets, seed=seed)
+    if trace.kind == "azure":
+        return load_azure(path)
+    raise WorkloadSpecError(f"workload spec {_q(spec)}: {trace.name} has lengths only, no "
+                            f"arrivals: synthetic:n=...,rate=...,paired={trace.name}")
 
 
 def _existing(text: str, spec: str) -> Path:
@@ -147,7 +163,7 @@ def _load_samples(path_text: str, part: str, prompt_column: str | None = None,
                   output_column: str | None = None) -> LengthSamples:
     """(prompt, output) pairs of any supported file, by content (see the module doc)."""
 
-    path = Path(path_text)
+    path = local_path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"{_q(part)}: no such file {_q(path_text)}")
     if path.suffix == ".jsonl":
@@ -165,7 +181,7 @@ def _load_samples(path_text: str, part: str, prompt_column: str | None = None,
 
 def _load_one_column(path_text: str, part: str, role: str, column: str | None) -> IntArray:
 
-    path = Path(path_text)
+    path = local_path(path_text)
     if column is None or path.suffix == ".jsonl":
         # The role picks the column: a prompt distribution reads the prompt column.
         samples = (_load_samples(path_text, part, prompt_column=column) if role == "prompt"

@@ -9,7 +9,6 @@ an HF dir under the cache root (`$TETRIS_CACHE_DIR`, default `~/.cache/tetris`):
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE_ENV = "TETRIS_CACHE_DIR"
+# Re-exported: the cache root is shared with the trace catalog.
+from tetris.cache_dir import CACHE_ENV as CACHE_ENV
+from tetris.cache_dir import cache_root as cache_root
+
 DEFAULT_MODEL = "smollm2"
 
 
@@ -44,11 +46,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "dequantized to float32)",
     ),
 }
-
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tetris"
 
 
 def embedded_model(name: str) -> EmbeddedModel | None:
