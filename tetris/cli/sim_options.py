@@ -38,7 +38,9 @@ CONFIG_FLAGS = {
     "milp_time_limit_ms": "policy.milp_time_limit_ms", "static_sp": "policy.static_sp",
     "distserve_group": "policy.distserve_group", "decode_max_batch": "policy.decode_max_batch",
     "max_planned": "policy.max_planned", "loongserve_dp": "loongserve_dp",
-    "stream_kv": "policy.stream_kv",
+    "stream_kv": "policy.stream_kv", "roles": "policy.roles",
+    "role_interval_s": "policy.role_interval_s", "role_horizon_s": "policy.role_horizon_s",
+    "role_dwell_s": "policy.role_dwell_s",
 }
 
 
@@ -108,6 +110,17 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
                         "(default); --no-stream-kv: the whole prompt's KV after the last chunk")
     g.add_argument("--loongserve-dp", choices=("released", "full"),
                    help="LoongServe's batching DP as released (default) or as in its paper")
+    g = p.add_argument_group("elastic roles (disaggregated policies)")
+    g.add_argument("--roles", choices=("fixed", "threshold", "optimizer"),
+                   help="fixed prefill/decode split (default), or every GPU serving either "
+                        "role as the load moves, by a threshold rule or the CP-SAT role "
+                        "optimizer; the split above is where roles start")
+    g.add_argument("--role-interval-s", type=positive_float, metavar="S",
+                   help="how often roles are re-decided (default 2)")
+    g.add_argument("--role-horizon-s", type=positive_float, metavar="S",
+                   help="the optimizer's look-ahead (default 20)")
+    g.add_argument("--role-dwell-s", type=nonnegative_float, metavar="S",
+                   help="a GPU keeps a new role at least this long (default 10)")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:

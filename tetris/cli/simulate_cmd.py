@@ -26,6 +26,7 @@ from tetris.cli.sim_options import (
 from tetris.evaluation.exports import chrome_trace, window_report
 from tetris.evaluation.gantt import draw_gantt
 from tetris.evaluation.metrics import write_request_csv, write_request_json
+from tetris.evaluation.plots import plot_roles
 from tetris.evaluation.policies import POLICIES
 from tetris.evaluation.whatif import simulate_at_rate
 
@@ -49,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="Gantt chart of prefill in --gantt-window")
     g.add_argument("--gantt-window", type=window, metavar="START:END",
                    help="simulated seconds to draw (default: the first 10 s with work)")
+    g.add_argument("--plot-roles", type=Path, metavar="FILE.png|.svg",
+                   help="GPUs per role over time (with --roles threshold|optimizer)")
     p.set_defaults(handler=run)
 
 
@@ -57,11 +60,18 @@ def run(args: argparse.Namespace) -> int:
     # Only the chosen policy's own settings must fit the cluster (static_sp, say).
     for_option(f"--policy {args.policy}", config.check_policy, args.policy,
                POLICIES[args.policy].architecture)
-    if args.gantt is not None and args.gantt.suffix.lower() not in (".png", ".svg"):
-        raise UsageError(f"--gantt: must end in .png or .svg, got {args.gantt.name!r}")
+    for path, option in ((args.gantt, "--gantt"), (args.plot_roles, "--plot-roles")):
+        if path is not None and path.suffix.lower() not in (".png", ".svg"):
+            raise UsageError(f"{option}: must end in .png or .svg, got {path.name!r}")
+    if args.plot_roles is not None and not config.elastic:
+        raise UsageError("--plot-roles: roles are fixed; add --roles threshold or optimizer")
+    if config.elastic and POLICIES[args.policy].architecture != "disaggregated":
+        raise UsageError(f"--roles: elastic roles are simulated for the disaggregated "
+                         f"policies only, not {args.policy}")
     for path, option in ((args.requests_csv, "--requests-csv"),
                          (args.requests_json, "--requests-json"),
-                         (args.chrome_trace, "--chrome-trace"), (args.gantt, "--gantt")):
+                         (args.chrome_trace, "--chrome-trace"), (args.gantt, "--gantt"),
+                         (args.plot_roles, "--plot-roles")):
         check_output_path(path, option)  # before the run, not after it
     workload = workload_from_args(args)
     failures = failures_from_args(args, config)
@@ -85,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         report = window_report(records, prefill, start, end, args.policy)
         draw_gantt(report, args.gantt, title=f"{args.policy}: prefill {start:g}–{end:g} s",
                    gpus_per_node=config.gpus_per_node)
+    if args.plot_roles:
+        plot_roles(result.roles, args.plot_roles, title=f"{args.policy}, roles by "
+                   f"{config.policy.roles}: {config.total_gpus} GPUs")
     scaled = workload if args.rate is None else workload.scaled_to_rate(args.rate)
     out = {
         "trace": trace_summary(scaled),
@@ -97,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if failures is not None:
         out["failures"] = failures.model_dump(mode="json")
+    if config.elastic:
+        out["roles"] = [{"t_s": t, "prefill": p, "decode": d, "draining": x}
+                        for t, p, d, x in result.roles]
     emit(out, args.format, print_table)
     return 0
 

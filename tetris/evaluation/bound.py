@@ -114,7 +114,7 @@ def handoff_capacity(cluster: ClusterSpec, cm: CostModel) -> float:
     per_node = cluster.gpus_per_node
     nics = hw.nics_per_node or per_node
     p = cluster.prefill_instances
-    node = [cluster.node_of(g) for g in range(cluster.total_gpus)]
+    node = [cluster.node_of(g) for g in range(cluster.num_instances)]
     seen: dict[int, int] = {}
     nic = []  # (node, NIC) of each GPU, as the simulator's network maps them
     for n in node:
@@ -206,6 +206,8 @@ def fluid_bound(requests: Sequence[TraceRequest], cm: CostModel, prefill_gpus: i
 def bound_of(requests: Sequence[TraceRequest], config: SimConfig) -> FluidBound:
     """`fluid_bound` for a simulator config (its model, hardware, calibration, split, node
     size and decode batch cap)."""
-    return fluid_bound(requests, config.cost_model(), config.prefill_instances,
+    return fluid_bound(requests, config.cost_model(config.prefill_instances,
+                                                   config.decode_instances),
+                       config.prefill_instances,
                        config.decode_instances, config.gpus_per_node,
                        config.policy.decode_max_batch)

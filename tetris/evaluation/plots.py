@@ -11,6 +11,7 @@ state) and written as PNG or SVG by the path's suffix.
 - `plot_attainment_vs_rate`: SLO attainment per arrival rate, one line per policy, with the
   target as a dashed line (a policy's capacity is where its line crosses it).
 - `plot_sweep`: any metric against any swept parameter, one line per policy.
+- `plot_roles`: on an elastic cluster, GPUs prefilling, decoding and draining over time.
 """
 
 from __future__ import annotations
@@ -119,6 +120,22 @@ def plot_sweep(
         ax.set_yscale("log")
     _style(ax, xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title or f"{ylabel} vs {xlabel}", fontsize=11, loc="left")
+    fig.savefig(path, format=fmt)
+
+
+def plot_roles(timeline: Sequence[tuple[float, int, int, int]], path: str | Path, *,
+               title: str | None = None) -> None:
+    """GPUs per role over one run, as stacked steps (each change holds until the next)."""
+    fmt = _format(path)
+    fig, (ax,) = _figure(ncols=1)
+    if timeline:
+        t = [p[0] for p in timeline]
+        stacks = [[p[i] for p in timeline] for i in (1, 3, 2)]
+        ax.stackplot(t, *stacks, step="post", labels=("prefill", "draining", "decode"),
+                     colors=("#4c72b0", "#bbbbbb", "#dd8452"))
+        ax.set_xlim(t[0], t[-1] if t[-1] > t[0] else t[0] + 1.0)
+    _style(ax, xlabel="simulated time (s)", ylabel="GPUs")
+    ax.set_title(title or "GPU roles over time", fontsize=11, loc="left")
     fig.savefig(path, format=fmt)
 
 

@@ -32,8 +32,10 @@ def _disaggregated(name: str) -> Callable[[Sequence[SimRequest], SimConfig], Sim
     def run(requests: Sequence[SimRequest], config: SimConfig) -> SimOutcome:
         policy = make_policy(name, config.policy, config.cost_model(),
                              clock=SolverClock(config.solver_clock))
-        return simulate_disaggregated(requests, policy,
-                                      SimOptions(seed=config.seed, noise_cv=config.noise_cv))
+        clock = SolverClock(config.solver_clock)
+        return simulate_disaggregated(requests, policy, SimOptions(
+            seed=config.seed, noise_cv=config.noise_cv,
+            initial_prefill=config.prefill_instances if config.elastic else None, clock=clock))
     return run
 
 

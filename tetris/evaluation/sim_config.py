@@ -80,14 +80,25 @@ class SimConfig(BaseModel):
     def total_gpus(self) -> int:
         return self.prefill_instances + self.decode_instances
 
+    @property
+    def elastic(self) -> bool:
+        """Every GPU serves either role (the configured split is where roles start)."""
+        return self.policy.roles != "fixed"
+
     def cost_model(self, prefill: int | None = None, decode: int | None = None) -> CostModel:
-        """Cost model of a cluster with these instance counts (default: the configured split;
-        a unified architecture passes all GPUs as `prefill` and `decode=0`)."""
-        cluster = ClusterSpec(
-            prefill_instances=self.prefill_instances if prefill is None else prefill,
-            decode_instances=self.decode_instances if decode is None else decode,
-            gpus_per_node=self.gpus_per_node,
-        )
+        """Cost model of a cluster with these instance counts (default: the configured split,
+        or with elastic roles every GPU as both; a unified architecture passes all GPUs as
+        `prefill` and `decode=0`)."""
+        if prefill is None and decode is None and self.elastic:
+            n = self.total_gpus
+            cluster = ClusterSpec(prefill_instances=n, decode_instances=n,
+                                  gpus_per_node=self.gpus_per_node, elastic=True)
+        else:
+            cluster = ClusterSpec(
+                prefill_instances=self.prefill_instances if prefill is None else prefill,
+                decode_instances=self.decode_instances if decode is None else decode,
+                gpus_per_node=self.gpus_per_node,
+            )
         model = load_model_spec(self.model)
         hardware = load_hardware(self.hardware)
         coefficients = None

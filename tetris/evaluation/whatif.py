@@ -48,6 +48,8 @@ class RunResult:
     metrics: dict[str, Any]
     stats: dict[str, Any]
     records: list[RequestRecord] | None = None
+    # Elastic roles: (time, prefilling, decoding, draining) after every change.
+    roles: list[tuple[float, int, int, int]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """The whatif JSON row: the contract's keys first, then every other metric."""
@@ -74,7 +76,8 @@ def simulate_at_rate(workload: Workload, policy: str, config: SimConfig, rate_rp
         metrics.update(failure_metrics(outcome.records, down_intervals(outcome.outages),
                                        tbt_criterion=config.tbt_criterion))
     return RunResult(scaled.mean_rate_rps if rate_rps is None else rate_rps, metrics,
-                     dict(outcome.stats), outcome.records if keep_records else None)
+                     dict(outcome.stats), outcome.records if keep_records else None,
+                     outcome.roles)
 
 
 def simulate_with_failures(policy: str, requests: Sequence[SimRequest], config: SimConfig,

@@ -49,14 +49,16 @@ class _Actor(InstanceWorker):
 def _round_robin(ray: Any, gpus: float) -> Any:
     """rank -> a scheduling strategy putting it on the alive nodes in turn (those with the
     GPUs it needs). Ray's own SPREAD is best effort: measured, it put all three actors of a
-    two-node test cluster on one node."""
+    two-node test cluster on one node. Soft affinity is best effort too (measured: under load
+    it fell back to the head for every rank), so the affinity is strict; the nodes were alive
+    a moment ago, and a node lost meanwhile fails the setup's timeout with a clear error."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted(n["NodeID"] for n in ray.nodes()
                    if n["Alive"] and n.get("Resources", {}).get("GPU", 0.0) >= gpus)
     if not nodes:
         raise ValueError(f"no alive Ray node has {gpus:g} GPU(s) for an instance")
-    return lambda rank: NodeAffinitySchedulingStrategy(nodes[rank % len(nodes)], soft=True)
+    return lambda rank: NodeAffinitySchedulingStrategy(nodes[rank % len(nodes)], soft=False)
 
 
 @dataclass

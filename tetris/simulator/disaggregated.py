@@ -18,7 +18,9 @@ overran its plan is shown to the planner as busy until just after now, so nothin
 launched on a running instance (the ledger checks every launch).
 
 Instance failures (`SimOptions.outages`) are events of their own, handled by `failures`; a run
-without any schedules none, so its loop does no failure work.
+without any schedules none, so its loop does no failure work. So are role changes on an elastic
+cluster (`roles`: the policy settings' `roles` planner, from `SimOptions.initial_prefill` GPUs
+prefilling).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from tetris.simulator.events import (
 from tetris.simulator.failures import FAILURE, FailureInjector
 from tetris.simulator.noise import DurationNoise
 from tetris.simulator.records import ChunkRecord, Outage, RequestRecord, SimOutcome, SimRequest
+from tetris.simulator.roles import ROLE_APPLY, ROLE_TICK, RoleExecutor
 from tetris.solver.cost_model import CostModel
 from tetris.solver.policy.ledger import Ledger
-from tetris.solver.policy.registry import widest_group
-from tetris.solver.policy.view import Launch, PrefillPolicy
+from tetris.solver.policy.registry import make_role_planner, widest_group
+from tetris.solver.policy.roles import role_counts
+from tetris.solver.policy.view import Launch, PrefillPolicy, SolverClock
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class SimOptions:
     seed: int = 0
     noise_cv: float = 0.0
     outages: tuple[Outage, ...] = ()
+    initial_prefill: int | None = None  # elastic roles: GPUs prefilling at the start
+    clock: SolverClock = SolverClock.MODELED  # how the role planner's time is charged
 
 
 def check_fits(requests: Sequence[SimRequest], cost_model: CostModel, prefill_sp: int,
@@ -83,7 +89,8 @@ class DisaggregatedSimulator:
         self.num_prefill = cluster.prefill_instances
         self.events = EventQueue()
         self.noise = DurationNoise(opts.noise_cv, opts.seed)
-        self.ledger = Ledger(self.num_prefill, cluster.decode_instances, settings)
+        self.ledger = Ledger(self.num_prefill, cluster.decode_instances, settings,
+                             elastic=cluster.elastic)
         self.decode = DecodePool(cost_model, self.ledger, self.events,
                                  DurationNoise(opts.noise_cv, opts.seed + 1),
                                  max_batch=settings.decode_max_batch,
@@ -102,6 +109,16 @@ class DisaggregatedSimulator:
             "chunks": 0, "solver_s": 0.0,
         }
         self.failures = FailureInjector(self, requests, opts.outages) if opts.outages else None
+        planner = make_role_planner(settings)
+        self.roles: RoleExecutor | None = None
+        if planner is not None:
+            if opts.outages:
+                raise ValueError("instance failures on an elastic cluster are not simulated "
+                                 "yet: use fixed roles with --fail")
+            self.roles = RoleExecutor(self, planner, opts.initial_prefill or
+                                      self.num_prefill // 2, opts.clock)
+        elif cluster.elastic:
+            raise ValueError("an elastic cluster needs a role planner (settings.roles)")
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SimOutcome:
@@ -111,6 +128,9 @@ class DisaggregatedSimulator:
         failures = self.failures
         if failures is not None:
             failures.schedule()
+        roles = self.roles
+        if roles is not None:
+            roles.schedule([rec.request for rec in self.records])
         events = 0
         now = 0.0
         while self.events:
@@ -119,6 +139,8 @@ class DisaggregatedSimulator:
             if kind == ARRIVAL:
                 r = payload.request
                 self.ledger.arrive(r.request_id, r.arrival_s, r.prompt_tokens, r.ttft_slo_s)
+                if roles is not None:
+                    roles.arrived(r)
                 self.want_decision(now)
             elif kind == CHUNK_END:
                 self._chunk_end(payload, now)
@@ -128,8 +150,13 @@ class DisaggregatedSimulator:
             elif kind == FAILURE:
                 assert failures is not None
                 failures.handle(payload, now)
+            elif kind in (ROLE_TICK, ROLE_APPLY):
+                assert roles is not None
+                roles.handle(kind, payload, now)
             else:
                 self.decode.handle(kind, payload, now)
+                if roles is not None and roles.draining:
+                    roles.settle(now)
         unfinished = [rec.request_id for rec in self.records if not rec.finished]
         if unfinished:
             lost = "" if not self.outages else (
@@ -153,7 +180,11 @@ class DisaggregatedSimulator:
                 self.num_prefill * now)
             self.stats["decode_busy_fraction"] = sum(
                 i.busy_s for i in self.decode.instances) / (len(self.decode.instances) * now)
-        return SimOutcome(self.policy.name, self.records, self.stats, self.outages)
+        timeline: list[tuple[float, int, int, int]] = []
+        if roles is not None:
+            self.stats.update(roles.stats())
+            timeline = [*roles.timeline, (now, *role_counts(roles.roles))]  # to the run's end
+        return SimOutcome(self.policy.name, self.records, self.stats, self.outages, timeline)
 
     def want_decision(self, now: float) -> None:
         if not self.decide_queued:
@@ -168,6 +199,8 @@ class DisaggregatedSimulator:
         if last:
             record.token_times.append(now)  # the last chunk samples the next token
         self.decode.chunk_ended(record, chunk, last, now)
+        if self.roles is not None and self.roles.pending_to_decode:
+            self.roles.chunk_ended(chunk.instances, now)
         self.want_decision(now)
 
     # -- decisions ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ transfer is done `latency` after its last byte leaves (it still counts on its li
 latency: microseconds). Its completion event carries a version, so a transfer rescheduled by a
 rate change ignores its stale completion.
 
-Instances are numbered as in `ClusterSpec`: prefill 0..P−1, then decode P..P+D−1.
+Instances are numbered as in `ClusterSpec`: prefill 0..P−1, then decode P..P+D−1; the links are
+their GPUs' (an elastic cluster's instances i and P+i share GPU i's).
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ class Network:
         n = cluster.total_gpus
         per_node = cluster.gpus_per_node
         nics = hardware.nics_per_node or per_node
-        self._node = [cluster.node_of(i) for i in range(n)]
+        instances = cluster.num_instances
+        self._gpu = [cluster.gpu_of(i) for i in range(instances)]
+        self._node = [cluster.node_of(i) for i in range(instances)]
         # Links: 0..n−1 NVLink out, n..2n−1 NVLink in, then NIC out / in per (node, nic), then
         # each node's way in over all its NICs.
         nic_index: dict[tuple[int, int], int] = {}
         self._nic = []
-        for i in range(n):
+        for i in range(instances):
             key = (self._node[i], min(nics - 1, cluster.local_rank(i) * nics // per_node))
             self._nic.append(nic_index.setdefault(key, len(nic_index)))
         num_nics = len(nic_index)
@@ -80,10 +83,10 @@ class Network:
     def path(self, src: int, dst: int) -> tuple[tuple[int, ...], bool]:
         """The links from instance `src` to `dst`, and whether it crosses nodes."""
         if self._node[src] == self._node[dst]:
-            return (src, self._n + dst), False
+            return (self._gpu[src], self._n + self._gpu[dst]), False
         if self._multirail:
             return (self._nic_out + self._nic[src], self._node_in + self._node[dst],
-                    self._n + dst), True
+                    self._n + self._gpu[dst]), True
         return (self._nic_out + self._nic[src], self._nic_in + self._nic[dst]), True
 
     def seconds_alone(self, src: int, dst: int, nbytes: float) -> float:
@@ -93,6 +96,11 @@ class Network:
 
     def start(self, src: int, dst: int, nbytes: float, now: float,
               payload: object) -> Transfer:
+        if self._gpu[src] == self._gpu[dst]:
+            # An elastic GPU's own prefill KV, kept where it is for its decode role.
+            t = Transfer((), 0.0, 0.0, now, 0.0, payload)
+            self.events.push(now, PRIORITY_COMPLETE, KV_SENT, (t, t.version))
+            return t
         links, cross = self.path(src, dst)
         t = Transfer(links, float(nbytes), 0.0, now, self._latency[cross], payload)
         self.transfers += 1

@@ -84,9 +84,11 @@ class RequestRecord:
 class SimOutcome:
     """One simulation run: a record per request (input order), run statistics (`events`,
     `decisions`, `plans_validated`, `wall_s`, ... — numbers or short strings) and the instance
-    outages it was run under (none: a healthy cluster)."""
+    outages it was run under (none: a healthy cluster). `roles`: on an elastic cluster, (time,
+    GPUs prefilling, decoding, draining to prefill) at the start and after every role change."""
 
     policy: str
     records: list[RequestRecord]
     stats: dict[str, float | int | str] = field(default_factory=dict)
     outages: tuple[Outage, ...] = ()
+    roles: list[tuple[float, int, int, int]] = field(default_factory=list)

@@ -111,6 +111,10 @@ class DecodeQueue:
     def remove(self, request_id: str) -> bool:
         return self._waiting.pop(request_id, None) is not None
 
+    @property
+    def waiting_tokens(self) -> int:
+        return sum(self._waiting.values())
+
     def head(self) -> tuple[str, int] | None:
         return next(iter(self._waiting.items()), None)
 

@@ -15,6 +15,13 @@ the prefill copy is kept until `kv_moved`), and it goes straight from `prefill` 
 its last chunk ends. `release` takes it out of whichever book it is in; while a chunk or a KV
 transfer of it is in flight, the release is deferred to that work's end, so nothing is freed
 under a running operation.
+
+An instance serves when it is neither lost (a failure) nor parked (on an elastic cluster, its
+GPU serves the other role: `park`, `close_decode`). Parking never strands anything: a prefill
+instance parks only idle and holding no KV of a request still prefilling (KV of prefilled
+requests leaves by its hand-off as before), and a decode instance that stops taking requests
+parks only once the ones it holds are gone. On an elastic cluster (`elastic`) prefill instance
+i and decode instance i are one GPU, so its decode room is what both roles' KV leaves free.
 """
 
 from __future__ import annotations
@@ -63,19 +70,27 @@ class Released:
 
 class Ledger:
     def __init__(self, num_prefill: int, num_decode: int, settings: PolicySettings,
-                 prefill_kv_tokens: int | None = None) -> None:
+                 prefill_kv_tokens: int | None = None, *, elastic: bool = False) -> None:
         if num_prefill < 1:
             raise ValueError(f"need at least one prefill instance, got {num_prefill}")
         self.settings = settings
+        self.elastic = elastic
         self.prefill_kv_tokens = prefill_kv_tokens  # None: the planners bound KV alone
         self.busy = [False] * num_prefill  # running a chunk, or sending KV
         self.planned_end = [0.0] * num_prefill
         self.busy_s = [0.0] * num_prefill
         self.lost = [False] * num_prefill
+        self.parked = [False] * num_prefill
+        self.off = [False] * num_prefill  # lost or parked: takes no work
         self.kv_used = [0] * num_prefill
         self.decode_reserved = [0] * num_decode
         self.decode_batch = [0] * num_decode
         self.decode_lost = [False] * num_decode
+        self.decode_parked = [False] * num_decode  # closed to new requests, or parked
+        self.decode_off = [False] * num_decode
+        # Decode KV tokens ever reserved and freed: their rates are what the role planners read.
+        self.decode_reserved_total = 0
+        self.decode_freed_total = 0
         self.load = LoadTracker(settings.load_tau_s)
         self.prefill: dict[str, RequestEntry] = {}  # arrival order: the planners' order
         self.handoff: dict[str, RequestEntry] = {}
@@ -93,13 +108,17 @@ class Ledger:
         return len(self.prefill) + len(self.handoff) + len(self.decode)
 
     def idle(self, instances: Sequence[int]) -> bool:
-        return not any(self.busy[g] or self.lost[g] for g in instances)
+        return not any(self.busy[g] or self.off[g] for g in instances)
 
     def decode_loads(self) -> list[DecodeLoad]:
-        """The dispatcher's view; a lost decode instance shows no room and no slot."""
+        """The dispatcher's view; a decode instance that takes no requests shows no room and
+        no slot."""
         big = 1 << 62
-        return [DecodeLoad(big, big) if lost else DecodeLoad(r, b) for r, b, lost in
-                zip(self.decode_reserved, self.decode_batch, self.decode_lost, strict=True)]
+        reserved = self.decode_reserved
+        if self.elastic:  # the GPU's prefill KV takes room too
+            reserved = [r + k for r, k in zip(reserved, self.kv_used, strict=True)]
+        return [DecodeLoad(big, big) if off else DecodeLoad(r, b) for r, b, off in
+                zip(reserved, self.decode_batch, self.decode_off, strict=True)]
 
     def is_empty(self) -> bool:
         """Nothing held anywhere: every instance free and every KV count back to zero."""
@@ -110,8 +129,8 @@ class Ledger:
     def nothing_to_decide(self, now: float) -> bool:
         """Advance the load average; True when no chunk could start now (every prefill
         instance busy, or every request in prefill mid-chunk), so a decision is skipped."""
-        # A lost instance counts as neither busy nor idle: the load is the serving ones'.
-        live = [b for b, lost in zip(self.busy, self.lost, strict=True) if not lost]
+        # An instance off counts as neither busy nor idle: the load is the serving ones'.
+        live = [b for b, off in zip(self.busy, self.off, strict=True) if not off]
         busy = sum(live)
         self.load.update(now, busy / len(live) if live else 1.0)
         return busy == len(live) or all(e.running or e.release_pending
@@ -119,9 +138,9 @@ class Ledger:
 
     def view(self, now: float) -> PrefillView:
         overrun = now + self.settings.overrun_s
-        availability = tuple(LOST_AVAILABILITY_S + now if lost else max(end, overrun) if b
-                             else now for b, end, lost in zip(self.busy, self.planned_end,
-                                                             self.lost, strict=True))
+        availability = tuple(LOST_AVAILABILITY_S + now if off else max(end, overrun) if b
+                             else now for b, end, off in zip(self.busy, self.planned_end,
+                                                            self.off, strict=True))
         pending = []
         for e in self.prefill.values():
             if e.prefilled == e.prompt_tokens or e.release_pending:
@@ -130,7 +149,7 @@ class Ledger:
                 e.request_id, e.arrival_s, e.prompt_tokens, e.ttft_slo_s,
                 prefilled_tokens=e.prefilled, kv_instances=e.kv_instances,
                 ready_s=max(e.planned_ready_s, overrun) if e.running else None))
-        idle = tuple(not (b or lost) for b, lost in zip(self.busy, self.lost, strict=True))
+        idle = tuple(not (b or off) for b, off in zip(self.busy, self.off, strict=True))
         return PrefillView(now, availability, idle, tuple(pending), self.load.load)
 
     # -- prefill events -----------------------------------------------------------------------
@@ -232,6 +251,7 @@ class Ledger:
         for j, n in zip(instances, reserved, strict=True):
             self.decode_reserved[j] += n
             self.decode_batch[j] += 1
+        self.decode_reserved_total += sum(reserved)
         e.decode, e.moving = (instances, reserved), moving
         if not streaming:
             self.decode[request_id] = e
@@ -280,6 +300,7 @@ class Ledger:
             for j, n in zip(decode, reserved, strict=True):
                 self.decode_reserved[j] -= n
                 self.decode_batch[j] -= 1
+            self.decode_freed_total += sum(reserved)
             e.decode = None
         for book in (self.prefill, self.handoff, self.decode):
             book.pop(e.request_id, None)
@@ -296,7 +317,7 @@ class Ledger:
         """Prefill instance `instance` is gone: it takes no more work, and the requests whose
         KV or running chunk was on it are returned (their prompts must be failed or redone),
         including one whose KV was being sent from it to decode."""
-        self.lost[instance] = True
+        self.lost[instance] = self.off[instance] = True
         return [e.request_id for book in (self.prefill, self.handoff, self.decode)
                 for e in book.values()
                 if instance in e.kv_held or (e.running and instance in e.kv_instances)]
@@ -304,7 +325,7 @@ class Ledger:
     def decode_instance_lost(self, instance: int) -> list[str]:
         """Decode instance `instance` is gone: nothing more is placed on it, and the requests
         decoding there (or moving their KV there) are returned."""
-        self.decode_lost[instance] = True
+        self.decode_lost[instance] = self.decode_off[instance] = True
         return [e.request_id for book in (self.prefill, self.decode) for e in book.values()
                 if e.decode is not None and instance in e.decode[0]]
 
@@ -314,11 +335,45 @@ class Ledger:
             raise LedgerError(f"prefill instance {instance} rejoins holding "
                               f"{self.kv_used[instance]} KV tokens of lost requests")
         self.lost[instance] = self.busy[instance] = False
+        self.off[instance] = self.parked[instance]
 
     def decode_instance_back(self, instance: int) -> None:
         if self.decode_reserved[instance] or self.decode_batch[instance]:
             raise LedgerError(f"decode instance {instance} rejoins with requests on it")
         self.decode_lost[instance] = False
+        self.decode_off[instance] = self.decode_parked[instance]
+
+    # -- roles (elastic clusters) ---------------------------------------------------------------
+    def may_park(self, instance: int) -> bool:
+        """Idle, and no request still prefilling holds KV on it (its next chunk would need
+        it)."""
+        return not self.busy[instance] and not (self.kv_used[instance] and any(
+            instance in e.kv_held for e in self.prefill.values()))
+
+    def park(self, instance: int) -> None:
+        """Prefill instance `instance` stops serving (its GPU turns to decode); `may_park`
+        must hold, so no request is left waiting on it."""
+        if not self.may_park(instance):
+            raise LedgerError(f"park of prefill instance {instance}: it is busy or holds KV "
+                              "of a request still prefilling")
+        self.parked[instance] = self.off[instance] = True
+
+    def unpark(self, instance: int) -> None:
+        """Prefill instance `instance` serves again (empty)."""
+        self.parked[instance] = False
+        self.off[instance] = self.lost[instance]
+
+    def close_decode(self, instance: int) -> None:
+        """Decode instance `instance` takes no new requests; those on it go on decoding
+        (`decode_empty` says when they are all gone)."""
+        self.decode_parked[instance] = self.decode_off[instance] = True
+
+    def open_decode(self, instance: int) -> None:
+        self.decode_parked[instance] = False
+        self.decode_off[instance] = self.decode_lost[instance]
+
+    def decode_empty(self, instance: int) -> bool:
+        return not (self.decode_reserved[instance] or self.decode_batch[instance])
 
     def redo(self, request_id: str, prompt_tokens: int, *, arrival_s: float | None = None,
              ttft_slo_s: float | None = None) -> Released:

@@ -15,6 +15,8 @@ from tetris.solver.policy.baselines import DistServePolicy, StaticSpPolicy
 from tetris.solver.policy.cdsp import CdspPolicy
 from tetris.solver.policy.refinement import BackgroundRefiner
 from tetris.solver.policy.refinement_runs import InlineRun, RefinementRun, ThreadRun
+from tetris.solver.policy.roles import RolePlanner, ThresholdRoles
+from tetris.solver.policy.roles_cp_sat import OptimizedRoles
 from tetris.solver.policy.settings import PolicySettings
 from tetris.solver.policy.view import PrefillPolicy, SolverClock
 
@@ -68,3 +70,13 @@ def make_policy(name: str, settings: PolicySettings, cost_model: CostModel, *,
             if refine_on is None else ThreadRun(refine_on, settings.time_limit_ms))
         refiner = BackgroundRefiner(run, settings.refine_min_waiting)
     return CdspPolicy(name, cost_model, settings, solver, clock, refiner)
+
+
+def make_role_planner(settings: PolicySettings) -> RolePlanner | None:
+    """The role planner of `settings.roles` (None: fixed roles)."""
+    if settings.roles == "fixed":
+        return None
+    if settings.roles == "threshold":
+        return ThresholdRoles(settings.role_interval_s, settings.role_dwell_s)
+    return OptimizedRoles(settings.role_interval_s, settings.role_horizon_s,
+                          settings.role_dwell_s)

@@ -67,6 +67,20 @@ class PolicySettings(BaseModel):
                             "while later chunks compute; False: the whole prompt's KV after "
                             "the last chunk")
 
+    # -- elastic roles ------------------------------------------------------------------------
+    roles: Literal["fixed", "threshold", "optimizer"] = Field(
+        default="fixed", description="instance roles: the fixed prefill/decode split, or every "
+        "GPU serving either role as the load moves, decided by a threshold rule or by the "
+        "CP-SAT role optimizer (roles.py)")
+    role_interval_s: float = Field(default=2.0, gt=0, description="how often roles are "
+                                   "re-decided")
+    role_horizon_s: float = Field(default=20.0, gt=0, description="the role optimizer's "
+                                  "look-ahead")
+    role_dwell_s: float = Field(default=10.0, ge=0, description="a GPU keeps a new role at "
+                                "least this long (hysteresis)")
+    role_tau_s: float = Field(default=10.0, gt=0, description="memory of the recent rates the "
+                              "role planners read")
+
     def check_cluster(self, prefill_instances: int, policy: str | None = None) -> None:
         """ValueError naming a setting that the cluster's prefill pool cannot honour: the
         shared ones (max_sp) and those of `policy` (a registry name; None: no policy chosen
