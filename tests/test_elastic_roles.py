@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import linear_cost_model
+from tests.test_network import drain
 from tetris.cli.main import main
 from tetris.simulator.disaggregated import DisaggregatedSimulator, SimOptions
 from tetris.simulator.events import EventQueue
-from tetris.simulator.network import KV_SENT, Network
+from tetris.simulator.network import Network
 from tetris.simulator.records import Outage, SimOutcome, SimRequest
 from tetris.solver.cluster import ClusterSpec
 from tetris.solver.cost_model import CostModel
@@ -82,13 +83,7 @@ def test_the_network_gives_both_roles_of_a_gpu_its_own_links() -> None:
     net.start(0, 3, bw, 0.0, "a")
     net.start(2, 1, bw, 0.0, "b")  # GPU 0 (decode role) to GPU 1 (prefill role)
     local = net.start(1, 3, 1e12, 0.0, "own")
-    ends = {}
-    while events:
-        t, _, _, kind, payload = events.pop()
-        assert kind == KV_SENT
-        done = net.handle(payload, t)
-        if done is not None:
-            ends[done] = t
+    ends = drain(net, events)
     assert ends["own"] == 0.0 and local.links == ()
     lat = cm.hardware.intra_node_latency_s
     assert ends["a"] == pytest.approx(2.0 + lat) and ends["b"] == pytest.approx(2.0 + lat)

@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # the simulator imports this module
 
 ROLE_TICK = "role_tick"
 ROLE_APPLY = "role_apply"
-#: The optimizer's modelled decision time (a reproducible clock): measured median of its
-#: CP-SAT solve at 16 GPUs and a 10-step horizon is below this (benchmarks/elastic_roles.py).
+#: The optimizer's modelled decision time (a reproducible clock): its measured mean CP-SAT
+#: solve at 16 GPUs and a 10-step horizon was 2.8-3.6 ms (benchmarks/elastic_roles.py).
 MODELED_ROLE_SOLVE_S = 0.005
 
 

@@ -88,8 +88,7 @@ class Ledger:
         self.decode_lost = [False] * num_decode
         self.decode_parked = [False] * num_decode  # closed to new requests, or parked
         self.decode_off = [False] * num_decode
-        # Decode KV tokens ever reserved and freed: their rates are what the role planners read.
-        self.decode_reserved_total = 0
+        # Decode KV tokens ever freed: its rate is what the role planners read.
         self.decode_freed_total = 0
         self.load = LoadTracker(settings.load_tau_s)
         self.prefill: dict[str, RequestEntry] = {}  # arrival order: the planners' order
@@ -251,7 +250,6 @@ class Ledger:
         for j, n in zip(instances, reserved, strict=True):
             self.decode_reserved[j] += n
             self.decode_batch[j] += 1
-        self.decode_reserved_total += sum(reserved)
         e.decode, e.moving = (instances, reserved), moving
         if not streaming:
             self.decode[request_id] = e
