@@ -38,6 +38,7 @@ def token_after(position: int) -> int:
 class FakePool:
     num_prefill: int = 2
     num_decode: int = 1
+    elastic: bool = False
     prefill_kv_tokens: int = 4096
     decode_kv_tokens: int = 4096
     prefill_delay_s: float = 0.01
@@ -165,7 +166,7 @@ class FakePool:
         return []
 
     async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
-                      reserve: Sequence[int], sampling: SamplingParams,
+                      reserve: Sequence[int], sampling: SamplingParams | None,
                       sampler_state: Any) -> list[BaseException]:
         self.calls.append(f"move {request_id}")
         assert not self._reforming, "work sent while the data plane is re-formed"
@@ -181,6 +182,19 @@ class FakePool:
             self.kv[g].pop(request_id, None)
         for d, n in zip(dests, reserve, strict=True):
             self.kv[d][request_id] = n
+        return []
+
+    async def migrate_kv(self, request_id: str, source: int, dest: int, reserve: int,
+                         sampling: SamplingParams | None) -> list[BaseException]:
+        self.calls.append(f"migrate {request_id} {source}->{dest}")
+        assert not self._reforming, "work sent while the data plane is re-formed"
+        await asyncio.sleep(self.transfer_delay_s)
+        errors = [f for r in (source, dest) if (f := self._fault(r, (source, dest))) is not None]
+        if errors:
+            return errors
+        assert request_id in self.kv[source] and request_id not in self.kv[dest]
+        self.kv[source].pop(request_id)
+        self.kv[dest][request_id] = reserve
         return []
 
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]

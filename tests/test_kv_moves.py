@@ -119,3 +119,41 @@ def test_route_sends_every_token_once_within_the_shares(chunks: list[dict[int, i
         for m in batch.moves:
             got[m.dest] += m.tokens
     assert route.done and [got[d] for d in dests] == shares
+
+
+def test_elastic_sources_keep_their_own_share_on_their_own_gpu() -> None:
+    """Elastic, P = 3: ranks 0,1 hold 100+50 and decode on their own GPUs (ranks 3, 4; lead 3
+    with room 120 of which 10 for generation): each keeps all of its KV (local copies), no
+    transfer; reserves 110 and 50."""
+    moves, reserve = plan_kv_moves({0: 100, 1: 50}, (3, 4), (120, 200), 10, {0: 3, 1: 4})
+    assert moves == [KVMove(0, 3, 100), KVMove(1, 4, 50)]
+    assert reserve == [110, 50]
+
+
+def test_elastic_overflow_goes_elsewhere_and_the_overflowing_gpu_receives_nothing() -> None:
+    """As above but the lead's room is 60 (50 after generation): rank 0 keeps 50 and sends
+    its other 50 to rank 4, which kept rank 1's 50 too; reserves 60 and 100."""
+    moves, reserve = plan_kv_moves({0: 100, 1: 50}, (3, 4), (60, 200), 10, {0: 3, 1: 4})
+    assert moves == [KVMove(0, 3, 50), KVMove(0, 4, 50), KVMove(1, 4, 50)]
+    assert reserve == [60, 100]
+
+
+@given(st.dictionaries(st.integers(0, 3), st.integers(1, 300), min_size=1, max_size=4),
+       st.lists(st.integers(0, 400), min_size=1, max_size=4, unique=False), st.integers(0, 50),
+       st.permutations(range(4)))
+def test_elastic_moves_never_make_a_gpu_both_send_to_others_and_receive(
+        held: dict[int, int], rooms: list[int], gen: int, order: list[int]) -> None:
+    """GPU g's roles are ranks g and 4 + g: no GPU both sends KV to another GPU and
+    receives KV from one (so blocking transfers cannot wait on each other), every token
+    moves once, and rooms hold."""
+    dests = tuple(4 + g for g in order[:len(rooms)])
+    try:
+        moves, reserve = plan_kv_moves(held, dests, rooms, gen, {g: 4 + g for g in held})
+    except ValueError:
+        return
+    for src, n in held.items():
+        assert sum(m.tokens for m in moves if m.source == src) == n
+    assert all(r <= room for r, room in zip(reserve, rooms, strict=True))
+    sends = {m.source for m in moves if m.dest != 4 + m.source}
+    receives = {m.dest - 4 for m in moves if m.dest != 4 + m.source}
+    assert not sends & receives, moves

@@ -234,3 +234,41 @@ def test_decode_loss_names_a_streaming_request_still_in_prefill() -> None:
     book.chunk_ended("a", 0.1)
     book.decode_begin("a", (1,), (1100,))
     assert book.decode_instance_lost(1) == ["a"]
+
+
+def test_a_decoding_requests_kv_moves_to_another_decode_instance() -> None:
+    """'a' decodes on instance 0 with 600 tokens reserved; moving it to 1 reserves there at
+    once and frees 0 only when the move ends; a release meanwhile waits for the move's end,
+    which then reports instance 1 to free."""
+    book = ledger()
+    book.arrive("a", 0.0, 512, 5.0)
+    book.launch(launch("a", 0, 512, 0), 0.0, 0.1)
+    book.chunk_ended("a", 0.1)
+    book.decode_begin("a", (0,), (600,))
+    book.kv_moved("a")
+    with pytest.raises(LedgerError, match="must be open and new"):
+        book.decode_move("a", 0, 0)
+    assert book.decode_move("a", 0, 1) == (0, 600)
+    assert book.decode_loads() == [DecodeLoad(600, 1), DecodeLoad(600, 1)]
+    with pytest.raises(LedgerError, match="already moving"):
+        book.decode_move("a", 1, 0)
+    assert book.decode_moved("a", 0, 600) is None
+    assert book.decode_loads() == [DecodeLoad(0, 0), DecodeLoad(600, 1)]
+    book.decode_move("a", 1, 0)
+    assert book.release("a") is None
+    released = book.decode_moved("a", 1, 600)
+    assert released is not None and released.decode_instances == (0,)
+    assert book.is_empty()
+
+
+def test_elastic_decode_room_counts_the_gpus_prefill_kv() -> None:
+    """Elastic: GPU 0 holds 300 prefill KV tokens and 200 decode ones of 1000: 500 free."""
+    book = Ledger(2, 2, PolicySettings(overrun_s=OVERRUN), elastic=True)
+    book.arrive("a", 0.0, 300, 5.0)
+    book.launch(launch("a", 0, 300, 0), 0.0, 0.1)
+    book.arrive("b", 0.0, 100, 5.0)
+    book.launch(launch("b", 0, 100, 1), 0.0, 0.1)
+    book.chunk_ended("b", 0.1)
+    book.decode_begin("b", (0,), (200,))
+    assert book.decode_room(0, 1000) == 500
+    assert book.decode_room(1, 1000) == 1000 - 100  # b's prefill KV until it has moved

@@ -14,7 +14,7 @@ from tetris.cli.spec_files import (
     hardware_option,
     validated,
 )
-from tetris.runtime.serve_config import ServeConfig
+from tetris.runtime.serve_config import SERVE_POLICY, ServeConfig
 
 # flag dest -> ServeConfig field
 FLAGS = {
@@ -26,6 +26,8 @@ FLAGS = {
     "request_timeout_s": "request_timeout_s", "collective_timeout_s": "collective_timeout_s",
     "placement": "placement",
 }
+# flag dest -> ServeConfig.policy field
+POLICY_FLAGS = {"roles": "roles", "role_interval_s": "role_interval_s"}
 
 
 def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
@@ -55,6 +57,12 @@ def add_deployment_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
         g.add_argument("--solver", choices=["greedy", "cp", "milp"])
         g.add_argument("--request-timeout-s", type=float, help="stop a request not done this "
                        "long after it arrived (504; default: no limit)")
+        g.add_argument("--roles", choices=["fixed", "threshold", "optimizer"],
+                       help="fixed: the prefill/decode split as given; threshold or optimizer: "
+                       "every GPU serves either role, re-decided as the load moves "
+                       "(--prefill-instances and --decode-instances both give the GPU count)")
+        g.add_argument("--role-interval-s", type=float,
+                       help="how often elastic roles are re-decided (default 2)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -67,6 +75,11 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         value = getattr(args, dest, None)
         if value is not None:
             data[name] = value
+    for dest, name in POLICY_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            policy = data.setdefault("policy", SERVE_POLICY.model_dump())
+            policy[name] = value
     option = "--config/flags" if args.config is not None else "flags"
     config = validated(option, args.config, ServeConfig, data)
     check_limits(config.policy, f"--config {args.config}" if args.config is not None

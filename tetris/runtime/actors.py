@@ -1,8 +1,10 @@
 """The Ray actors of a serving cluster: one `InstanceWorker` per instance, prefill then decode.
 
 World rank r < P is prefill instance r (the planners' instance index); rank P + j is decode
-instance j. Actors ask for one GPU each when `device` is CUDA; on CPU they take no CPU slot
-(`num_cpus=0`, one torch thread each), so a 2-core machine can hold several.
+instance j. Elastic roles (`elastic`): one actor per GPU, world rank g, is both prefill
+instance g and decode instance g (the engine's rank P + g), on one KV cache. Actors ask for
+one GPU each when `device` is CUDA; on CPU they take no CPU slot (`num_cpus=0`, one torch
+thread each), so a 2-core machine can hold several.
 
 Each actor runs its calls on one thread, in submission order, except those sent to its "kv"
 concurrency group (`KV_GROUP`: streamed KV transfers), which run in their own submission order
@@ -77,32 +79,44 @@ class WorkerPool:
     world_intact: bool = True
     # Node of each rank (0, 1, ... in order of first appearance), read from Ray at start.
     nodes: tuple[int, ...] = ()
+    elastic: bool = False  # `decode` is `prefill`: each actor serves both roles
 
     @property
     def num_prefill(self) -> int:
         return len(self.prefill)
 
     def actor(self, rank: int) -> Any:
-        return self.prefill[rank] if rank < self.num_prefill else self.decode[rank -
-                                                                               self.num_prefill]
+        """The actor of world rank `rank` (elastic: of either role's rank)."""
+        p = self.num_prefill
+        if self.elastic:
+            return self.prefill[rank % p]
+        return self.prefill[rank] if rank < p else self.decode[rank - p]
 
     @property
     def all(self) -> list[Any]:
-        return [*self.prefill, *self.decode]
+        """Every actor once, in world rank order."""
+        return list(self.prefill) if self.elastic else [*self.prefill, *self.decode]
 
     @classmethod
     def start(cls, ray: Any, model_dir: Path, prefill_instances: int, decode_instances: int,
               *, prefill_kv_tokens: int, decode_kv_tokens: int, device: str = "cpu",
               dtype: str = "float32", threads: int = 1, local: bool = True,
               gpus_per_instance: float = 1.0,
-              collective_timeout_s: float = 600.0, spread: bool = False) -> WorkerPool:
+              collective_timeout_s: float = 600.0, spread: bool = False,
+              elastic: bool = False) -> WorkerPool:
         """Create and set up every actor (model loaded, world joined); `local`: the cluster is
         this machine, so the data plane stays on loopback. `gpus_per_instance` < 1 packs
         several instances on one GPU (tests, small models). `spread`: rank r on the r-th alive
-        Ray node in turn, instead of Ray's default packing."""
+        Ray node in turn, instead of Ray's default packing. `elastic`: one actor per GPU for
+        both roles (as many prefill as decode instances, one KV cache size)."""
         if prefill_instances < 1 or decode_instances < 1:
             raise ValueError("a serving cluster needs at least one prefill and one decode "
                              "instance")
+        if elastic and (prefill_instances != decode_instances or
+                        prefill_kv_tokens != decode_kv_tokens):
+            raise ValueError("elastic roles need as many prefill as decode instances and one "
+                             f"KV cache size, got {prefill_instances} + {decode_instances} "
+                             f"instances, {prefill_kv_tokens} and {decode_kv_tokens} tokens")
         gpu = device.startswith("cuda")
         # One thread for the kv group: streamed transfers keep the engine's order among
         # themselves, which is what keeps their blocking sends and receives deadlock-free.
@@ -110,7 +124,7 @@ class WorkerPool:
         if gpu:
             options["num_gpus"] = gpus_per_instance
         remote = ray.remote(**options)(_Actor)
-        world = prefill_instances + decode_instances
+        world = prefill_instances if elastic else prefill_instances + decode_instances
         # Rank 0's address and port are only known once it is placed.
         configs = [WorkerConfig(rank=r, world_size=world, model_dir=model_dir,
                                 kv_tokens=prefill_kv_tokens if r < prefill_instances
@@ -128,9 +142,10 @@ class WorkerPool:
         first = create(configs[0])
         address, port = ray.get(first.rendezvous.remote(local), timeout=SETUP_TIMEOUT_S)
         actors = [first] + [create(c) for c in configs[1:]]
-        pool = cls(actors[:prefill_instances], actors[prefill_instances:],
+        prefill = actors[:prefill_instances]
+        pool = cls(prefill, prefill if elastic else actors[prefill_instances:],
                    prefill_kv_tokens, decode_kv_tokens, remote=remote, configs=configs,
-                   local=local)
+                   local=local, elastic=elastic)
         try:
             # Every model loaded first: joining waits at most the collective timeout for the
             # slowest rank, and loads on a busy host take longer than that.
@@ -155,9 +170,11 @@ class WorkerPool:
         """A new actor for `rank` (the old one is dead); returns the ref of its model load
         (it joins the world at the next `reform`)."""
         ray.kill(self.actor(rank), no_restart=True)
+        if self.elastic:
+            rank %= self.num_prefill
         actor = self.remote.remote(self.configs[rank])
         if rank < self.num_prefill:
-            self.prefill[rank] = actor
+            self.prefill[rank] = actor  # elastic: `decode` is this very list
         else:
             self.decode[rank - self.num_prefill] = actor
         return actor.load.remote()

@@ -11,6 +11,10 @@ KV is in, the request joins the batch: every step runs one token of every decodi
 each decode rank getting the entries it leads or lends KV to, all at once. A request placed while
 it still prefills (KV streaming) is handed to `kv_stream.KVStreams` instead, which sends its
 finished chunks' KV as they end and hands it back (`_joined`) once all of it is in.
+
+Elastic roles: a GPU's own leftover prefill KV goes to its decode role by a copy (`home`), and a
+decode instance turning to prefill is `drain`ed: between steps, each request on it moves its KV
+(`InstancePool.migrate_kv`) to an open decode instance with room, and goes on decoding there.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class DecodeRunner:
         self._transfers: set[asyncio.Task[None]] = set()
         self._stopped = False
         self.streams = KVStreams(pool, ledger, requests, metrics, on_fault, self._joined)
+        self.draining: set[int] = set()  # decode instances whose requests move away
+        self.after_change: Callable[[], None] = lambda: None  # a step or a move ended
 
     def submit(self, state: EngineRequest) -> None:
         """Queue it for decode room (its KV: the prompt plus every token still to come but the
@@ -70,6 +76,11 @@ class DecodeRunner:
     @property
     def in_flight(self) -> bool:
         return self.stepping or bool(self._transfers) or bool(self.streams.tasks)
+
+    def drain(self, instance: int) -> None:
+        """Move every request off decode instance `instance` (closed to new ones)."""
+        self.draining.add(instance)
+        self._work.set()
 
     def wake(self) -> None:
         self._work.set()
@@ -95,7 +106,7 @@ class DecodeRunner:
             dests = tuple(p + j for j in instances)
             if not self.pool.can_group(dests):
                 return  # a decode group that cannot be made until the data plane is re-formed
-            rooms = [self.pool.decode_kv_tokens - ledger.decode_reserved[j] for j in instances]
+            rooms = [ledger.decode_room(j, self.pool.decode_kv_tokens) for j in instances]
             generate = state.request.sampling.max_tokens - len(state.output)
             if rid in ledger.prefill:  # still prefilling: its KV streams in from now on
                 try:
@@ -110,13 +121,14 @@ class DecodeRunner:
                 state.summary.decode_instances = instances
                 self.streams.begin(state, KVRoute(dests, shares, reserve))
                 continue
+            held = ledger.handoff[rid].kv_held
+            home = {g: p + g for g in held} if self.pool.elastic else None
             try:
-                moves, reserve = plan_kv_moves(ledger.handoff[rid].kv_held, dests, rooms,
-                                               generate)
+                moves, reserve = plan_kv_moves(held, dests, rooms, generate, home)
             except ValueError:
                 return  # the lead lacks room for the generated tokens yet: wait
             sources = tuple(sorted({m.source for m in moves}))
-            if not ledger.idle(sources):
+            if not ledger.may_send(sources):
                 return  # its prefill instances are computing: retried when a chunk ends
             self.queue.pop()
             ledger.hold(sources, self.now())
@@ -165,10 +177,63 @@ class DecodeRunner:
         self._work.set()
 
     # -- continuous batching ----------------------------------------------------------------
+    # -- drains (elastic roles) ------------------------------------------------------------------
+    def _start_moves(self) -> None:
+        """Between steps: each active request on a draining instance moves to the open decode
+        instance with the most room for its share there (none: it stays for now)."""
+        ledger, p = self.ledger, self.pool.num_prefill
+        for s in [s for s in self.active if any(r - p in self.draining
+                                                for r in s.decode_ranks)]:
+            e = ledger.decode.get(s.request_id)
+            if e is None or e.decode is None or e.moving:
+                continue
+            old = next(r - p for r in s.decode_ranks if r - p in self.draining)
+            share = e.decode[1][e.decode[0].index(old)]
+            fits = [(ledger.decode_room(j, self.pool.decode_kv_tokens), -j) for j in
+                    range(self.pool.num_decode) if j not in e.decode[0] and j not in
+                    self.draining and not ledger.decode_off[j]
+                    and ledger.decode_batch[j] < self.queue.max_batch]
+            fits = [f for f in fits if f[0] >= share]
+            if not fits:
+                continue
+            new = -max(fits)[1]
+            i, n = ledger.decode_move(s.request_id, old, new)
+            self.active.remove(s)
+            task = asyncio.get_running_loop().create_task(self._move(s, i, old, new, n))
+            self._transfers.add(task)
+            task.add_done_callback(self._transfers.discard)
+
+    async def _move(self, state: EngineRequest, i: int, old: int, new: int, n: int) -> None:
+        p = self.pool.num_prefill
+        try:
+            errors = await self.pool.migrate_kv(state.request_id, p + old, p + new, n,
+                                                state.request.sampling if i == 0 else None)
+        except Exception as err:
+            errors = [err]
+        released = self.ledger.decode_moved(state.request_id, old, n)
+        state.decode_ranks = tuple(p + new if r == p + old else r for r in state.decode_ranks)
+        state.summary.decode_instances = tuple(r - p for r in state.decode_ranks)
+        self.after_change()
+        if released is not None or state.phase is Phase.DONE:
+            self.requests.free(released)
+            return
+        if errors:
+            log.error("KV move of %r off decode instance %d failed: %s", state.request_id, old,
+                      errors[0])
+            if not self.on_fault(state, errors):
+                self.requests.failed(state, f"KV move of {state.request_id!r} failed: "
+                                     f"{errors[0]}")
+            return
+        self.metrics.count_kv_migration()
+        self._joined(state)
+
     async def run(self) -> None:
         while not self._stopped:
+            if self.draining and not self.paused:
+                self._start_moves()
             if self.active and not self.paused:
                 await self._step()
+                self.after_change()
             else:
                 await self._work.wait()
                 self._work.clear()

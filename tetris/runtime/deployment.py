@@ -94,7 +94,7 @@ def start_workers(config: ServeConfig, model: ServedModel | None = None) -> Work
                             local=config.ray_address in (None, "local"),
                             gpus_per_instance=config.gpus_per_instance,
                             collective_timeout_s=config.collective_timeout_s,
-                            spread=config.placement == "spread")
+                            spread=config.placement == "spread", elastic=config.elastic)
     return Workers(model, device, ray, pool)
 
 

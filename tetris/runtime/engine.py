@@ -10,8 +10,10 @@ issued in one global order (see `worker.py`):
   from a request's first chunk's end on, its KV following chunk by chunk: `kv_stream.py`);
 - one task per running chunk, and the decode loop.
 CP-SAT refinement (the `tetris` policy) runs on a thread of its own and its plans are used at a
-later decision, exactly as in the simulator. The `Ledger` is the one book of what runs where and
-what KV each request holds, for both sides.
+later decision, exactly as in the simulator. With elastic roles (`settings.roles`, an elastic
+pool) a role task re-decides every few seconds which GPUs prefill and which decode
+(`roles.py`). The `Ledger` is the one book of what runs where and what KV each request holds,
+for both sides.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from tetris.runtime.instance_pool import InstancePool, PrefillResult
 from tetris.runtime.live_requests import LiveRequests
 from tetris.runtime.metrics import ServingMetrics
 from tetris.runtime.recovery import Recovery
+from tetris.runtime.roles import RoleRunner
 from tetris.solver.api import solve
 from tetris.solver.cost_model import CostModel
 from tetris.solver.plan_json import report_from_result
 from tetris.solver.policy.dispatch import DecodeQueue
 from tetris.solver.policy.ledger import Ledger
-from tetris.solver.policy.registry import make_policy
+from tetris.solver.policy.registry import make_policy, make_role_planner
 from tetris.solver.policy.settings import PolicySettings
 from tetris.solver.policy.view import Decision, Launch, SolverClock
 from tetris.solver.slo import SloSpec
@@ -75,6 +78,7 @@ class EngineOptions:
     settings: PolicySettings = field(default_factory=PolicySettings)
     slo: SloSpec = field(default_factory=lambda: SloSpec(ttft_scale=5.0))
     request_timeout_s: float | None = None  # from arrival to the last token; None: no limit
+    initial_prefill: int | None = None  # elastic roles: GPUs prefilling at the start
 
 
 class Engine:
@@ -90,9 +94,18 @@ class Engine:
         s = options.settings
         n, d = pool.num_prefill, pool.num_decode
         decode_sp = min(s.decode_max_sp or d, d)
+        role_planner = make_role_planner(s)
+        if (role_planner is not None) != pool.elastic:
+            raise ValueError(f"roles {s.roles!r} on a pool whose actors "
+                             f"{'serve either role' if pool.elastic else 'have fixed roles'}: "
+                             "elastic roles need an elastic pool, and it needs them")
+        if pool.elastic:
+            # Some GPUs always prefill, so the largest request decodes on fewer than all.
+            decode_sp = min(decode_sp, d - 1, -(-context_tokens // pool.decode_kv_tokens))
         self.limits = Limits(context_tokens, vocab_size, pool.prefill_kv_tokens,
                              min(n, s.max_sp or n), pool.decode_kv_tokens, decode_sp)
-        self.ledger = Ledger(n, d, s, prefill_kv_tokens=pool.prefill_kv_tokens)
+        self.ledger = Ledger(n, d, s, prefill_kv_tokens=pool.prefill_kv_tokens,
+                             elastic=pool.elastic)
         self._planner = ThreadPoolExecutor(1, thread_name_prefix="tetris-planner")
         self._refiner = ThreadPoolExecutor(1, thread_name_prefix="tetris-refiner")
         self.policy = make_policy(options.policy, s, cost_model, clock=SolverClock.MEASURED,
@@ -103,6 +116,15 @@ class Engine:
         self.recovery = Recovery(self)
         self.decode = DecodeRunner(pool, self.ledger, self.requests, metrics, self.now,
                                    self.recovery.work_failed)
+        self.roles: RoleRunner | None = None
+        if role_planner is not None:
+            self.roles = RoleRunner(
+                role_planner, self.ledger, self.decode, self.requests, cost_model, metrics,
+                kv_tokens=pool.decode_kv_tokens,
+                initial_prefill=options.initial_prefill or max(1, n - max(decode_sp, n // 2)),
+                interval_s=s.role_interval_s, tau_s=s.role_tau_s,
+                max_request_kv=decode_sp * pool.decode_kv_tokens, now=self.now,
+                planner_thread=self._planner, wake=self.wake)
         self.last_decision: Decision | None = None
         self.t0 = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -154,6 +176,9 @@ class Engine:
             eos_ids=self.tokenizer.eos_ids, summary=RequestSummary(prompt))
         self.ledger.arrive(state.request_id, state.arrival_s, prompt, state.ttft_slo_s)
         self.requests.add(state)
+        if self.roles is not None:
+            self.roles.arrived(prompt, prompt + request.sampling.max_tokens - 1,
+                               state.ttft_slo_s)
         if self.options.request_timeout_s is not None:
             state.deadline = asyncio.get_running_loop().call_later(
                 self.options.request_timeout_s, self._expire, state)
@@ -225,6 +250,8 @@ class Engine:
         self._spawn(self._schedule_loop(), essential=True)
         self._spawn(self.decode.run(), essential=True)
         self._spawn(self.recovery.watch(), essential=True)
+        if self.roles is not None:
+            self._spawn(self.roles.run(), essential=True)
         self.recovery.update_gauges()
 
     async def stop(self) -> None:
@@ -318,6 +345,8 @@ class Engine:
         seconds = time.monotonic() - started
         _, released = self.ledger.chunk_ended(state.request_id, seconds)
         self.requests.free(released)  # it was cancelled while the chunk ran
+        if self.roles is not None:
+            self.roles.chunk_ended(c.instances)
         self._wake.set()
         for g in c.instances:
             self.metrics.set_instance_busy(f"prefill-{g}", "prefill",

@@ -4,7 +4,8 @@
 cache each); tests implement it without Ray or a model. Ranks: prefill instance g is rank g,
 decode instance j is rank `num_prefill + j`. Calls on one rank run in the order they were made
 (the engine makes every call from its one event-loop thread), so a `free` made after a chunk,
-a transfer or a step runs after it.
+a transfer or a step runs after it. `elastic`: prefill instance g and decode instance g are one
+GPU's two roles (rank g and rank `num_prefill + g`, one actor, one KV memory).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class InstancePool(Protocol):
     def num_decode(self) -> int: ...
 
     @property
+    def elastic(self) -> bool: ...
+
+    @property
     def prefill_kv_tokens(self) -> int:
         """KV tokens each prefill instance holds."""
 
@@ -84,11 +88,18 @@ class InstancePool(Protocol):
         a rank whose process is gone."""
 
     async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
-                      reserve: Sequence[int], sampling: SamplingParams,
+                      reserve: Sequence[int], sampling: SamplingParams | None,
                       sampler_state: Any) -> list[BaseException]:
         """Send the prompt's KV from the moves' sources (which free it) to `dests` (ranks,
-        the lead first, each taking `reserve[i]` tokens of room); the errors, if any
-        (InstanceLost for a rank whose process is gone)."""
+        the lead first, each taking `reserve[i]` tokens of room; with `sampling`, the lead
+        takes the sampler); the errors, if any (InstanceLost for a rank whose process is
+        gone). Elastic: a move to the source's own GPU is a copy there."""
+
+    async def migrate_kv(self, request_id: str, source: int, dest: int, reserve: int,
+                         sampling: SamplingParams | None) -> list[BaseException]:
+        """Move all of a decoding request's KV on decode rank `source` (which frees it) to
+        decode rank `dest`, which takes `reserve` tokens of room; with `sampling`, `source`
+        leads its decode and its sampler moves too. Only between its decode steps."""
 
     async def stream_kv(self, request_id: str, batch: KVBatch, lead: int,
                         sampling: SamplingParams | None = None,

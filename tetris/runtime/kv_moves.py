@@ -10,6 +10,12 @@ Moves are returned sorted by (source, destination): every sender and receiver wa
 that one order, which keeps blocking point-to-point transfers free of deadlock; a source sends
 consecutive runs of its KV in that order.
 
+Elastic roles (one actor per GPU, its prefill rank and its decode rank on one KV cache): a
+source whose own GPU is a destination (`home`) keeps what fits of its KV there (a local copy,
+no transfer) before the rest is filled as above. So a GPU either sends to others (its own room
+is full) or receives from others (it kept all of its own), never both in one hand-off: no two
+GPUs wait on each other's send.
+
 Streamed (a request placed on decode while it prefills): the shares are fixed at placement for
 the whole prompt (`stream_shares`, the same fill as above), and each finished chunk's KV is
 routed into what is left of them (`KVRoute`), each source sending the run of its KV that
@@ -30,10 +36,12 @@ class KVMove:
 
 
 def plan_kv_moves(held: Mapping[int, int], dests: Sequence[int], rooms: Sequence[int],
-                  generation_tokens: int) -> tuple[list[KVMove], list[int]]:
-    """`held`: source rank → prompt tokens held; `rooms[i]`: free KV tokens on `dests[i]`.
-    Returns the moves and the tokens to reserve on each destination. Raises ValueError if the
-    rooms cannot hold the prompt plus the lead's generation room."""
+                  generation_tokens: int, home: Mapping[int, int] | None = None
+                  ) -> tuple[list[KVMove], list[int]]:
+    """`held`: source rank → prompt tokens held; `rooms[i]`: free KV tokens on `dests[i]`;
+    `home`: source rank → the destination rank on its own GPU (elastic roles). Returns the
+    moves and the tokens to reserve on each destination. Raises ValueError if the rooms cannot
+    hold the prompt plus the lead's generation room."""
     if len(dests) != len(rooms) or not dests:
         raise ValueError("dests and rooms must be non-empty and of equal length")
     prompt = sum(held.values())
@@ -46,9 +54,21 @@ def plan_kv_moves(held: Mapping[int, int], dests: Sequence[int], rooms: Sequence
     reserve[0] = generation_tokens
     order = [*range(1, len(dests)), 0]
     moves: list[KVMove] = []
+    left_of = dict(held)
+    index = {d: i for i, d in enumerate(dests)}
+    for source, own in (home or {}).items():
+        i = index.get(own)
+        if i is None or source not in left_of:
+            continue
+        n = min(left_of[source], max(room[i], 0))
+        if n:
+            moves.append(KVMove(source, own, n))
+            room[i] -= n
+            reserve[i] += n
+            left_of[source] -= n
     slot = 0
-    for source in sorted(held):
-        left = held[source]
+    for source in sorted(left_of):
+        left = left_of[source]
         while left:
             while room[order[slot]] <= 0:
                 slot += 1

@@ -61,6 +61,15 @@ class ServingMetrics:
         self._recovered = Counter("tetris:requests_recovered_total",
                                   "Requests that lost KV to an instance failure and were "
                                   "redone on the survivors.", registry=self.registry)
+        self._role_changes = Counter("tetris:role_changes_total",
+                                     "GPUs that changed role (elastic roles), by new role.",
+                                     ["role"], registry=self.registry)
+        self._migrations = Counter("tetris:kv_migrations_total",
+                                   "Decoding requests whose KV moved off a decode instance "
+                                   "turning to prefill.", registry=self.registry)
+        self._roles = Gauge("tetris:gpus_by_role", "GPUs serving each role (elastic roles; "
+                            "to_prefill: draining its decode requests).", ["role"],
+                            registry=self.registry)
         self._live = Gauge("tetris:instances_live", "Instances serving, by role.", ["role"],
                            registry=self.registry)
         # The HTTP layer's own view: what clients were answered, and why they were refused.
@@ -77,6 +86,16 @@ class ServingMetrics:
 
     def request_recovered(self) -> None:
         self._recovered.inc()
+
+    def role_changed(self, role: str) -> None:
+        self._role_changes.labels(role=role).inc()
+
+    def count_kv_migration(self) -> None:
+        self._migrations.inc()
+
+    def set_roles(self, prefill: int, decode: int, to_prefill: int) -> None:
+        for role, n in (("prefill", prefill), ("decode", decode), ("to_prefill", to_prefill)):
+            self._roles.labels(role=role).set(n)
 
     def set_instances_live(self, role: str, live: int) -> None:
         self._live.labels(role=role).set(live)

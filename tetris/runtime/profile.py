@@ -96,7 +96,7 @@ def measure_prefill(ray: Any, pool: WorkerPool, grid: ProfileGrid,
 def measure_decode(ray: Any, pool: WorkerPool, grid: ProfileGrid,
                    progress: Progress = lambda _: None) -> list[tuple[int, int, float]]:
     """(batch, KV tokens in all, seconds) per decode step, on decode instance 0."""
-    actor, rank = pool.decode[0], pool.num_prefill
+    actor, rank = pool.decode[0], 0 if pool.elastic else pool.num_prefill  # its world rank
     rows = []
     for batch, kv in itertools.product(grid.decode_batches, grid.decode_kv):
         ids = [f"profile-decode-{batch}-{kv}-{i}" for i in range(batch)]

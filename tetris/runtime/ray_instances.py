@@ -7,6 +7,11 @@ calls in the order they were made.
 Loss: Ray fails every call to an actor whose process died (`RayActorError`); each is turned into
 `InstanceLost(rank)`. An idle actor's death is seen by `probe`: every actor always has one
 `ping` outstanding, which Ray fails when the actor dies, even if the actor was busy.
+
+Elastic roles (`WorkerPool.elastic`): the engine's ranks stay prefill g and decode P + j, and
+both name actor g (resp. j); the actor keeps each role's KV of a request under its own key
+(`kv_key`), so freeing one role's KV never touches the other's, and a hand-off from a GPU's
+prefill role to its own decode role is a copy inside its cache (`InstanceWorker.send_kv`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,29 @@ class RayInstances:
         return self.workers.num_prefill
 
     @property
+    def elastic(self) -> bool:
+        return self.workers.elastic
+
+    def _phys(self, rank: int) -> int:
+        """The world rank of the actor serving engine rank `rank`."""
+        return rank % self.num_prefill if self.workers.elastic else rank
+
+    def kv_key(self, request_id: str, rank: int) -> str:
+        """The name of the request's KV on engine rank `rank`'s actor."""
+        if not self.workers.elastic:
+            return request_id
+        return ("d:" if rank >= self.num_prefill else "p:") + request_id
+
+    def _moves(self, moves: Sequence[KVMove]) -> list[KVMove]:
+        return sorted((KVMove(self._phys(m.source), self._phys(m.dest), m.tokens)
+                       for m in moves), key=lambda m: (m.source, m.dest))
+
+    def _home(self, rank: int, request_id: str) -> str:
+        """The key of the request's KV on the other role of `rank`'s GPU."""
+        p = self.num_prefill
+        return self.kv_key(request_id, rank + p if rank < p else rank - p)
+
+    @property
     def num_decode(self) -> int:
         return len(self.workers.decode)
 
@@ -46,19 +74,21 @@ class RayInstances:
         return self.workers.decode_kv_tokens
 
     def ensure_group(self, ranks: tuple[int, ...]) -> None:
-        self.workers.ensure_group(ranks)
+        self.workers.ensure_group(tuple(self._phys(r) for r in ranks))
 
     def can_group(self, ranks: tuple[int, ...]) -> bool:
-        return self.workers.can_group(ranks)
+        return self.workers.can_group(tuple(self._phys(r) for r in ranks))
 
     # -- loss and replacement -----------------------------------------------------------------
     def _translate(self, rank: int, result: Any) -> Any:
+        """`result` of a call on engine rank `rank`: a dead actor's error as InstanceLost."""
         if isinstance(result, self.ray.exceptions.RayActorError):
-            self._mark_lost(rank)
+            self._mark_lost(self._phys(rank))
             return InstanceLost(rank, type(result).__name__)
         return result
 
     def _mark_lost(self, rank: int) -> None:
+        """World rank `rank`'s actor is gone."""
         self._lost.add(rank)
         self._pings.pop(rank, None)
         self.workers.lost()
@@ -79,11 +109,13 @@ class RayInstances:
                 ray.get(ref, timeout=0)
             except ray.exceptions.RayActorError:
                 self._mark_lost(rank)
-                found.append(rank)
+                # Elastic: the GPU's two roles are lost together.
+                found += [rank, rank + self.num_prefill] if self.workers.elastic else [rank]
         return found
 
     async def replace(self, ranks: Sequence[int]) -> None:
-        loads = [self.workers.replace(self.ray, r) for r in ranks]
+        loads = [self.workers.replace(self.ray, r)
+                 for r in dict.fromkeys(self._phys(r) for r in ranks)]
         await asyncio.wait_for(asyncio.gather(*loads), SETUP_TIMEOUT_S)
 
     async def reform(self) -> None:
@@ -100,38 +132,62 @@ class RayInstances:
                       sampling: SamplingParams | None) -> list[PrefillResult | BaseException]:
         ids = list(chunk_ids)
         results = await asyncio.gather(*(
-            self.workers.actor(g).prefill.remote(request_id, chunk, ids, sampling)
+            self.workers.actor(g).prefill.remote(self.kv_key(request_id, g), chunk, ids,
+                                                 sampling)
             for g in chunk.instances), return_exceptions=True)
         return [self._translate(g, r) for g, r in zip(chunk.instances, results, strict=True)]
 
     async def move_kv(self, request_id: str, moves: Sequence[KVMove], dests: Sequence[int],
-                      reserve: Sequence[int], sampling: SamplingParams,
+                      reserve: Sequence[int], sampling: SamplingParams | None,
                       sampler_state: Any) -> list[BaseException]:
         sources = sorted({m.source for m in moves})
-        moves = list(moves)
-        sends = [self.workers.actor(g).send_kv.remote(request_id, moves) for g in sources]
+        world = self._moves(moves)
+        # Every send before every receive: an actor that is both (elastic) copies its own
+        # share in `send_kv` first (its room taken there), and `recv_kv` takes the rest.
+        sends = [self.workers.actor(g).send_kv.remote(
+            self.kv_key(request_id, g), world, 0, False, self._home(g, request_id))
+            for g in sources]
         recvs = [self.workers.actor(d).recv_kv.remote(
-            request_id, moves, n, *((sampling, sampler_state) if i == 0 else ()))
+            self.kv_key(request_id, d), world, n,
+            *((sampling, sampler_state) if i == 0 and sampling is not None else ()))
             for i, (d, n) in enumerate(zip(dests, reserve, strict=True))]
         results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
         ranks = [*sources, *dests]
         return [self._translate(r, x) for r, x in zip(ranks, results, strict=True)
                 if isinstance(x, BaseException)]
 
+    async def migrate_kv(self, request_id: str, source: int, dest: int, reserve: int,
+                         sampling: SamplingParams | None) -> list[BaseException]:
+        try:
+            tokens, state = await self.workers.actor(source).kv_held.remote(
+                self.kv_key(request_id, source))
+        except Exception as err:
+            return [self._translate(source, err)]
+        moves = [KVMove(source, dest, tokens)]
+        lead = sampling is not None
+        if lead and state is None:
+            return [RuntimeError(f"rank {source} does not lead the decode of {request_id!r}")]
+        return await self.move_kv(request_id, moves, (dest,), (reserve,), sampling, state)
+
     async def stream_kv(self, request_id: str, batch: KVBatch, lead: int,
                         sampling: SamplingParams | None = None,
                         sampler_state: Any = None) -> list[BaseException]:
-        moves = list(batch.moves)
+        moves = self._moves(batch.moves)
+        if any(m.source == m.dest for m in moves):
+            # A GPU parks its prefill role only once no request still prefilling holds KV
+            # on it (`Ledger.may_park`), so a streamed source is never a decode destination.
+            raise ValueError(f"streamed KV of {request_id!r} to its own GPU: {moves}")
         sources = sorted(batch.starts)
         receivers = sorted({*batch.receivers, *((lead,) if sampling is not None else ())})
 
         def kv(rank: int, method: str) -> Any:
-            return getattr(self.workers.actor(rank), method).options(concurrency_group=KV_GROUP)
+            return getattr(self.workers.actor(rank),
+                           method).options(concurrency_group=KV_GROUP)
 
-        sends = [kv(g, "send_kv").remote(request_id, moves, batch.starts[g], True)
-                 for g in sources]
+        sends = [kv(g, "send_kv").remote(self.kv_key(request_id, g), moves,
+                                         batch.starts[g], True) for g in sources]
         recvs = [kv(d, "recv_kv").remote(
-            request_id, moves, batch.reserve.get(d, 0),
+            self.kv_key(request_id, d), moves, batch.reserve.get(d, 0),
             *((sampling, sampler_state) if d == lead and sampling is not None else (None, None)),
             True) for d in receivers]
         results = await asyncio.gather(*sends, *recvs, return_exceptions=True)
@@ -142,18 +198,27 @@ class RayInstances:
     async def decode_step(self, entries_by_rank: Mapping[int, Sequence[DecodeEntry]]
                           ) -> StepResult:
         ranks = list(entries_by_rank)
-        answers = await asyncio.gather(*(self.workers.actor(r).decode_step.remote(
-            list(entries_by_rank[r])) for r in ranks), return_exceptions=True)
+        if self.workers.elastic:
+            p = self.num_prefill
+            keys = {self.kv_key(e.request_id, e.lead): e.request_id
+                    for es in entries_by_rank.values() for e in es}
+            calls = {r: [DecodeEntry(self.kv_key(e.request_id, e.lead), e.token_id,
+                                     e.position, e.lead - p, tuple(x - p for x in e.ranks))
+                         for e in entries_by_rank[r]] for r in ranks}
+        else:
+            keys, calls = {}, {r: list(entries_by_rank[r]) for r in ranks}
+        answers = await asyncio.gather(*(self.workers.actor(r).decode_step.remote(calls[r])
+                                         for r in ranks), return_exceptions=True)
         tokens: dict[str, int] = {}
         failed: dict[int, BaseException] = {}
         for r, answer in zip(ranks, answers, strict=True):
             if isinstance(answer, BaseException):
                 failed[r] = self._translate(r, answer)
             else:
-                tokens.update(answer)
+                tokens.update({keys.get(k, k): t for k, t in answer.items()})
         return StepResult(tokens, failed)
 
     def free(self, request_id: str, ranks: Sequence[int]) -> None:
         for r in ranks:
-            if r not in self._lost:
-                self.workers.actor(r).free.remote(request_id)
+            if self._phys(r) not in self._lost:
+                self.workers.actor(r).free.remote(self.kv_key(request_id, r))

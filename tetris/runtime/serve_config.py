@@ -80,7 +80,21 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _fits_groups(self) -> ServeConfig:
         self.policy.check_cluster(self.prefill_instances, self.policy_name)
+        if self.elastic and self.prefill_instances != self.decode_instances:
+            raise ValueError(f"roles {self.policy.roles!r}: every GPU serves either role, so "
+                             "prefill_instances and decode_instances both give the GPU count "
+                             f"and must be equal, got {self.prefill_instances} and "
+                             f"{self.decode_instances}")
+        if self.elastic and self.decode_kv_tokens != self.kv_tokens_per_instance:
+            raise ValueError(f"roles {self.policy.roles!r}: a GPU's one KV cache serves both "
+                             "roles, so decode_kv_tokens_per_instance cannot differ from "
+                             "kv_tokens_per_instance")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        """Elastic roles: one actor per GPU serves either role (`policy.roles`)."""
+        return self.policy.roles != "fixed"
 
     @property
     def policy_name(self) -> str:
@@ -129,7 +143,8 @@ def serving_cost_model(config: ServeConfig, model: ModelSpec, device: str,
     cluster = ClusterSpec(prefill_instances=config.prefill_instances,
                           decode_instances=config.decode_instances,
                           gpus_per_node=config.prefill_instances + config.decode_instances,
-                          nodes=nodes or None)
+                          nodes=(nodes * 2 if nodes and config.elastic else nodes) or None,
+                          elastic=config.elastic)
     if device == "cpu":
         if coefficients is None:
             raise ValueError(f"no calibration for {model.name} on this CPU host")

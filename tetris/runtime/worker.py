@@ -272,13 +272,16 @@ class InstanceWorker:
 
     # -- KV transfer ------------------------------------------------------------------------
     def send_kv(self, request_id: str, moves: Sequence[KVMove], start: int = 0,
-                stream: bool = False) -> None:
+                stream: bool = False, local_key: str | None = None) -> None:
         """Send this rank's KV of the request from its `start`-th token on (append order),
         move by move, then free it here. `stream`: a request still prefilling, from the
         second thread over `transfer_group`; the KV is kept (later chunks attend to it, the
         driver frees it once all is sent). Reading it beside a running chunk of the same
         request is safe: the cache only appends, never rewrites a filled token, and a grown
-        buffer replaces the old one only once the filled tokens are copied into it."""
+        buffer replaces the old one only once the filled tokens are copied into it.
+        A move to this very rank (elastic roles: its own decode role, whose KV of the request
+        is kept under `local_key`) is a copy inside the cache, its room taken here (the
+        receiving call, made after this one, takes the rest of the reservation)."""
         cache = self.cache
         layers = range(cache.num_layers)
         group = self.transfer_group if stream else None
@@ -293,8 +296,16 @@ class InstanceWorker:
             if positions.numel() != move.tokens:
                 raise RuntimeError(f"rank {self.config.rank}: KV of {request_id!r} ends at "
                                    f"{offset + positions.numel()}, {end} to send")
-            dist.send(torch.stack([k, v]).contiguous(), move.dest, group=group)
-            dist.send(positions.contiguous(), move.dest, group=group)
+            if move.dest == self.config.rank:
+                if local_key is None or local_key == request_id:
+                    raise ValueError(f"rank {self.config.rank}: a move of {request_id!r} to "
+                                     "itself needs the key of its other role (local_key)")
+                self.allocate(local_key, move.tokens)
+                for layer in layers:
+                    cache.append(local_key, layer, k[layer], v[layer], positions)
+            else:
+                dist.send(torch.stack([k, v]).contiguous(), move.dest, group=group)
+                dist.send(positions.contiguous(), move.dest, group=group)
             offset = end
         if not stream:
             self.free(request_id)
@@ -306,13 +317,16 @@ class InstanceWorker:
         be generated; 0 for a later streamed batch), then receive every move addressed here.
         The lead also gets the request's sampler, continuing the random stream of its first
         token. `stream`: on the second thread over `transfer_group` (see `send_kv`), into a
-        request no decode step touches until the driver has seen every batch arrive."""
+        request no decode step touches until the driver has seen every batch arrive. Moves from
+        this very rank were copied by its `send_kv`, which took their room."""
         cache = self.cache
-        self.allocate(request_id, reserve_tokens)
+        rank = self.config.rank
+        self.allocate(request_id, reserve_tokens - sum(
+            m.tokens for m in moves if m.source == rank == m.dest))
         group = self.transfer_group if stream else None
         shape = (cache.num_layers, 0, cache.num_kv_heads, cache.head_dim)
         for move in moves:
-            if move.dest != self.config.rank:
+            if move.dest != rank or move.source == rank:
                 continue
             kv = torch.empty((2, shape[0], move.tokens, *shape[2:]), dtype=cache.dtype,
                              device=cache.device)
@@ -323,6 +337,12 @@ class InstanceWorker:
                 cache.append(request_id, layer, kv[0, layer], kv[1, layer], positions)
         if sampling is not None:
             self.set_sampler(request_id, sampling, sampler_state)
+
+    def kv_held(self, request_id: str) -> tuple[int, torch.Tensor | None]:
+        """KV tokens of the request held here, and its sampler's state if this rank leads
+        its decode: what a move of a decoding request off this rank sends."""
+        sampler = self.samplers.get(request_id)
+        return self.cache.num_tokens(request_id), None if sampler is None else sampler.state()
 
     def set_sampler(self, request_id: str, sampling: SamplingParams,
                     state: torch.Tensor | None = None) -> None:

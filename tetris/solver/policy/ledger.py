@@ -16,12 +16,8 @@ its last chunk ends. `release` takes it out of whichever book it is in; while a 
 transfer of it is in flight, the release is deferred to that work's end, so nothing is freed
 under a running operation.
 
-An instance serves when it is neither lost (a failure) nor parked (on an elastic cluster, its
-GPU serves the other role: `park`, `close_decode`). Parking never strands anything: a prefill
-instance parks only idle and holding no KV of a request still prefilling (KV of prefilled
-requests leaves by its hand-off as before), and a decode instance that stops taking requests
-parks only once the ones it holds are gone. On an elastic cluster (`elastic`) prefill instance
-i and decode instance i are one GPU, so its decode room is what both roles' KV leaves free.
+An instance serves when it is neither lost (a failure) nor parked (elastic roles:
+`ledger_roles.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from tetris.solver.policy.dispatch import DecodeLoad
+from tetris.solver.policy.ledger_roles import LedgerError, RoleLedger
 from tetris.solver.policy.settings import PolicySettings
 from tetris.solver.policy.view import Launch, LoadTracker, PrefillView
 from tetris.solver.problem import PendingRequest
@@ -37,10 +34,6 @@ from tetris.solver.problem import PendingRequest
 # A lost instance is shown free only this far in the future: plans never start on it now, and
 # the planners (which need finite times) price any plan waiting for it as hopeless.
 LOST_AVAILABILITY_S = 1e6
-
-
-class LedgerError(RuntimeError):
-    """An executor event contradicts the ledger (an executor bug, never a user's input)."""
 
 
 @dataclass(slots=True)
@@ -68,7 +61,7 @@ class Released:
     decode_instances: tuple[int, ...]
 
 
-class Ledger:
+class Ledger(RoleLedger):
     def __init__(self, num_prefill: int, num_decode: int, settings: PolicySettings,
                  prefill_kv_tokens: int | None = None, *, elastic: bool = False) -> None:
         if num_prefill < 1:
@@ -219,9 +212,14 @@ class Ledger:
             (self.handoff if e.decode is None else self.decode)[request_id] = e
         return e, None
 
+    def may_send(self, instances: Sequence[int]) -> bool:
+        """Prefill instances that may send KV now: none computing or lost (a parked one, its
+        GPU decoding, still sends the KV it holds)."""
+        return not any(self.busy[g] or self.lost[g] for g in instances)
+
     def hold(self, instances: Sequence[int], now: float) -> None:
-        """Take idle prefill instances for a KV transfer (a sender cannot compute)."""
-        if not self.idle(instances):
+        """Take prefill instances for a KV transfer (a sender cannot compute)."""
+        if not self.may_send(instances):
             raise LedgerError(f"hold of {tuple(instances)}: not idle")
         for g in instances:
             self.busy[g], self.planned_end[g] = True, now + self.settings.overrun_s
@@ -341,37 +339,37 @@ class Ledger:
         self.decode_lost[instance] = False
         self.decode_off[instance] = self.decode_parked[instance]
 
-    # -- roles (elastic clusters) ---------------------------------------------------------------
-    def may_park(self, instance: int) -> bool:
-        """Idle, and no request still prefilling holds KV on it (its next chunk would need
-        it)."""
-        return not self.busy[instance] and not (self.kv_used[instance] and any(
-            instance in e.kv_held for e in self.prefill.values()))
+    def decode_move(self, request_id: str, old: int, new: int) -> tuple[int, int]:
+        """A decoding request's KV on decode instance `old` starts moving to `new` (a drain):
+        `new` takes its reservation there and a batch slot, `old` keeps them until
+        `decode_moved` (the KV is on both meanwhile). Returns (its index in the placement,
+        the tokens reserved)."""
+        e = self.decode.get(request_id)
+        if e is None or e.decode is None or e.moving or e.release_pending:
+            raise LedgerError(f"move of {request_id!r}: it is not decoding, or its KV is "
+                              "already moving")
+        instances, reserved = e.decode
+        if old not in instances or new in instances or self.decode_off[new]:
+            raise LedgerError(f"move of {request_id!r} from decode instance {old} to {new}: "
+                              f"it decodes on {instances}, and {new} must be open and new to it")
+        i = instances.index(old)
+        n = reserved[i]
+        self.decode_reserved[new] += n
+        self.decode_batch[new] += 1
+        e.decode = ((*instances[:i], new, *instances[i + 1:]), reserved)
+        e.moving = True
+        return i, n
 
-    def park(self, instance: int) -> None:
-        """Prefill instance `instance` stops serving (its GPU turns to decode); `may_park`
-        must hold, so no request is left waiting on it."""
-        if not self.may_park(instance):
-            raise LedgerError(f"park of prefill instance {instance}: it is busy or holds KV "
-                              "of a request still prefilling")
-        self.parked[instance] = self.off[instance] = True
-
-    def unpark(self, instance: int) -> None:
-        """Prefill instance `instance` serves again (empty)."""
-        self.parked[instance] = False
-        self.off[instance] = self.lost[instance]
-
-    def close_decode(self, instance: int) -> None:
-        """Decode instance `instance` takes no new requests; those on it go on decoding
-        (`decode_empty` says when they are all gone)."""
-        self.decode_parked[instance] = self.decode_off[instance] = True
-
-    def open_decode(self, instance: int) -> None:
-        self.decode_parked[instance] = False
-        self.decode_off[instance] = self.decode_lost[instance]
-
-    def decode_empty(self, instance: int) -> bool:
-        return not (self.decode_reserved[instance] or self.decode_batch[instance])
+    def decode_moved(self, request_id: str, old: int, tokens: int) -> Released | None:
+        """The move from `old` ended (or failed): its room there is free. A request released
+        meanwhile leaves the ledger now (what to free is returned)."""
+        e = self.decode.get(request_id)
+        if e is None or not e.moving:
+            raise LedgerError(f"moved of {request_id!r}: no move of it is in flight")
+        self.decode_reserved[old] -= tokens
+        self.decode_batch[old] -= 1
+        e.moving = False
+        return self._drop(e) if e.release_pending else None
 
     def redo(self, request_id: str, prompt_tokens: int, *, arrival_s: float | None = None,
              ttft_slo_s: float | None = None) -> Released:

@@ -60,6 +60,8 @@ class RoleState:
     # waits for that prefill too, so they are not drained.
     decode_streaming: tuple[bool, ...] = ()
     nodes: tuple[int, ...] = ()  # node of each GPU (empty: one node)
+    # The prefill utilisation the TTFT SLO leaves room for (`prefill_target`).
+    prefill_target: float = 1.0
 
     def count(self, role: str) -> int:
         return sum(1 for r in self.roles if r == role)
@@ -235,6 +237,17 @@ class RoleSignals:
         self.kv_out_rate += w * ((kv_freed_total - freed) / dt - self.kv_out_rate)
         self._t = now
         self._last = (self._work, self._kv, kv_freed_total)
+
+
+def prefill_target(slo_scale: float) -> float:
+    """The prefill utilisation ρ at which a request's queueing delay stays within its TTFT
+    slack, S - 1 of its own prefill times (S: its TTFT SLO over its isolated TTFT). With the
+    pool as an M/D/1 queue the mean wait is ρ / (2(1 - ρ)) service times, and a wait's 90th
+    percentile is about ln 10 ≈ 2.3 times its mean (an exponential tail), so
+    ρ / (1 - ρ) ≤ 2(S - 1) / ln 10. S = 5 gives 0.78, S = 2 gives 0.46; S ≤ 1 leaves no
+    slack (0.05, so the pool is never planned empty)."""
+    x = 2.0 * max(slo_scale - 1.0, 0.0) / math.log(10.0)
+    return max(0.05, min(1.0, x / (1.0 + x)))
 
 
 def initial_roles(gpus: int, prefill: int) -> list[str]:

@@ -19,10 +19,16 @@ cannot give (a draining GPU takes no requests: only the KV it holds counts), in 
 with f_k the share of today's prefill backlog done by the end of step k at today's prefill
 GPUs (min(1, (k+1)·Δ / (backlog / (η·n_p)))).
 
+    h[k] >= 1000·prefill_rate / ρ* - 1000·η·n_p[k],  h >= 0
+
 b is prefill work that the prefill GPUs cannot do within the step (GPU-steps of backlog), u the
-decode KV that does not fit (GPUs short). The objective is Σ_k (b[k] + u[k]) plus SWITCH_COST
-per change (hysteresis): both sides' shortfall in the same unit, one GPU for one step, so no
-weight is tuned to a workload; the small switching cost breaks ties towards keeping roles.
+decode KV that does not fit (GPUs short), h the prefill GPUs short of the utilisation target
+ρ* the TTFT SLO leaves room for (`roles.prefill_target`: a pool at full utilisation has no
+backlog left over but queues requests past their SLO; measured, without h the optimizer ran
+prefill that hot and lost TTFT attainment to the threshold rule). The objective is
+Σ_k (b[k] + u[k] + h[k]) plus SWITCH_COST per change (hysteresis): every shortfall in the same
+unit, one GPU for one step, so no weight is tuned to a workload; the small switching cost
+breaks ties towards keeping roles.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class OptimizedRoles:
         backlog = round(MILLI * state.prefill_backlog_s / dt)
         arriving = round(MILLI * state.prefill_rate)
         per_gpu = round(MILLI * state.prefill_efficiency)
+        headroom = round(MILLI * state.prefill_rate / state.prefill_target)
         prev: cp_model.IntVar | None = None
         cost: list[cp_model.LinearExprT] = []
         n_p0 = state.count(PREFILL)
@@ -135,7 +142,11 @@ class OptimizedRoles:
             need = round(MILLI * demand / cap)
             u = m.new_int_var(0, max(need, 0), f"u{k}")
             m.add(u >= need - MILLI * (n - n_p) + unusable)
-            cost += [b, u]
+            # Prefill GPUs short of the headroom the TTFT SLO needs: at full utilisation
+            # nothing is left over (b = 0) but requests queue past their SLO.
+            h = m.new_int_var(0, max(headroom, 0), f"h{k}")
+            m.add(h >= headroom - per_gpu * n_p)
+            cost += [b, u, h]
             prev = b
         m.minimize(total(cost) + SWITCH_COST * (down + later + total(z)))
         solver = cp_model.CpSolver()
