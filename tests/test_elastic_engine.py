@@ -4,6 +4,8 @@ pool that cannot change them, and the role book applies a two-way swap."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.fake_pool import FakePool
@@ -17,6 +19,7 @@ from tetris.solver.policy.roles import (
     TO_PREFILL,
     RoleDecision,
     RoleState,
+    prefill_target,
 )
 
 ELASTIC = SETTINGS.model_copy(update={"roles": "threshold", "role_interval_s": 0.02})
@@ -86,3 +89,30 @@ def test_the_role_book_applies_a_swap_that_keeps_one_gpu_decoding() -> None:
     assert book.settle(2.0) == [2]
     assert book.roles == [PREFILL, DECODE, PREFILL] and not ledger.parked[2]
     assert [t for t, *_ in book.timeline] == [0.0, 1.0, 1.0, 2.0]
+
+
+def test_prefill_target_follows_the_ttft_slack() -> None:
+    """ρ / (1 - ρ) = 2(S - 1) / ln 10: S = 5 gives 0.7765, S = 2 gives 0.4648; no slack (S ≤ 1)
+    gives the 0.05 floor, a huge S tends to 1."""
+    assert prefill_target(5.0) == pytest.approx(8 / (8 + math.log(10)))
+    assert prefill_target(5.0) == pytest.approx(0.7765, abs=1e-4)
+    assert prefill_target(2.0) == pytest.approx(0.4648, abs=1e-4)
+    assert prefill_target(1.0) == 0.05 and prefill_target(0.5) == 0.05
+    assert 0.999 < prefill_target(1e4) <= 1.0
+
+
+def test_arrivals_set_the_prefill_width_nine_in_ten_need() -> None:
+    """Prefill alone takes tokens/1000/k s on k GPUs and every SLO is 2 s: a 1,000-token
+    prompt needs 1 GPU, 3,000 need 2, 5,000 need 3; after 9 short prompts and 1 of 5,000
+    the 90th percentile (the 10th of 10) is 3; the SLO scale 2 s / 0.5 s = 4 sets the target."""
+    book = RoleBook(Ledger(4, 4, SETTINGS, elastic=True), 2, (), 10.0)
+
+    def seconds(n: int, k: int) -> float:
+        return n / 1000 / k
+    for _ in range(9):
+        book.arrived(1000, 1100, 2.0, seconds, 0.5)
+    assert book.prefill_width == 1
+    book.arrived(5000, 5100, 2.0, seconds, 0.5)
+    assert book.prefill_width == 3
+    assert book.prefill_target == prefill_target(4.0)
+    assert book.signals.arrived_work == pytest.approx(9 * 1.0 + 5.0)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
@@ -27,7 +25,6 @@ from tetris.solver.policy.roles import (
     RolePlanner,
     RoleState,
     check_role_decision,
-    prefill_target,
     role_counts,
 )
 
@@ -53,8 +50,6 @@ class RoleRunner:
         self.book = RoleBook(ledger, initial_prefill, (), tau_s, self._changed)
         self.book.set_decode_floor(max_request_kv, kv_tokens)
         self.decisions = 0
-        # TTFT SLO over isolated TTFT of recent arrivals: the prefill target's SLO scale.
-        self.slo_scales: deque[float] = deque(maxlen=256)
         self.last_decision: RoleDecision | None = None
         decode.after_change = self.settle
         metrics.set_roles(*role_counts(self.book.roles))
@@ -66,9 +61,9 @@ class RoleRunner:
 
     def arrived(self, prompt_tokens: int, decode_kv: int, ttft_slo_s: float) -> None:
         cm = self.cost_model
-        self.book.signals.arrived(cm.chunk_seconds(prompt_tokens, 0, 1), decode_kv)
-        self.slo_scales.append(ttft_slo_s / cm.best_isolated_ttft(prompt_tokens))
-        self.book.prefill_target = prefill_target(statistics.median(self.slo_scales))
+        self.book.arrived(prompt_tokens, decode_kv, ttft_slo_s,
+                          lambda n, k: cm.chunk_seconds(n, 0, k),
+                          cm.best_isolated_ttft(prompt_tokens))
 
     def state(self) -> RoleState:
         cm = self.cost_model

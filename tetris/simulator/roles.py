@@ -12,7 +12,6 @@ while some GPU drains, and its requests finish where they are.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,6 @@ from tetris.solver.policy.roles import (
     RolePlanner,
     RoleState,
     check_role_decision,
-    prefill_target,
 )
 from tetris.solver.policy.view import SolverClock
 
@@ -36,7 +34,6 @@ ROLE_APPLY = "role_apply"
 #: The optimizer's modelled decision time (a reproducible clock): its measured mean CP-SAT
 #: solve at 16 GPUs and a 10-step horizon was 2.8-3.6 ms (benchmarks/elastic_roles.py).
 MODELED_ROLE_SOLVE_S = 0.005
-SLO_SAMPLE = 256  # requests whose TTFT SLO scale sets the prefill target
 
 
 class RoleExecutor:
@@ -80,18 +77,14 @@ class RoleExecutor:
         cm = self.sim.cost_model
         self.book.set_decode_floor(max((r.prompt_tokens + r.output_tokens for r in requests),
                                        default=1), cm.kv_capacity_tokens)
-        # The SLO's scale over the requests' isolated TTFT (one figure under a relative SLO;
-        # an absolute one's middle), from an even sample.
-        sample = requests[::max(1, len(requests) // SLO_SAMPLE)]
-        if sample:
-            self.book.prefill_target = prefill_target(statistics.median(
-                r.ttft_slo_s / cm.best_isolated_ttft(r.prompt_tokens) for r in sample))
         self.sim.events.push(0.0, PRIORITY_DECIDE, ROLE_TICK)
 
     def arrived(self, request: SimRequest) -> None:
         self.arrivals_left -= 1
-        self.book.signals.arrived(self.sim.cost_model.chunk_seconds(request.prompt_tokens, 0, 1),
-                                  request.prompt_tokens + request.output_tokens)
+        cm = self.sim.cost_model
+        self.book.arrived(request.prompt_tokens, request.prompt_tokens + request.output_tokens,
+                          request.ttft_slo_s, lambda n, k: cm.chunk_seconds(n, 0, k),
+                          cm.best_isolated_ttft(request.prompt_tokens))
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, kind: str, payload: object, now: float) -> None:

@@ -18,6 +18,8 @@ them parked at any time. Applying a checked `RoleDecision`:
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from tetris.solver.policy.ledger import Ledger
@@ -31,8 +33,12 @@ from tetris.solver.policy.roles import (
     check_role_decision,
     initial_roles,
     leaving_node,
+    prefill_target,
     role_counts,
 )
+
+RECENT = 256  # arrivals whose SLO scale and prefill width the planners read
+WIDTH_QUANTILE = 0.9  # the attainment target: the width nine in ten recent requests need
 
 
 class RoleBook:
@@ -52,6 +58,9 @@ class RoleBook:
         self.on_change = on_change  # (GPU, its new role), after each change
         self.decode_floor = 1
         self.prefill_target = 1.0  # `roles.prefill_target` of the requests' TTFT SLO scale
+        self.prefill_width = 1  # prefill GPUs recent requests need to meet their TTFT SLO
+        self._scales: deque[float] = deque(maxlen=RECENT)
+        self._widths: deque[int] = deque(maxlen=RECENT)
         self.pending_to_decode = 0  # GPUs to take for decode at their chunk ends
         for g, role in enumerate(self.roles):
             if role == PREFILL:
@@ -68,6 +77,22 @@ class RoleBook:
         if self.decode_floor > self.gpus - 1:
             raise ValueError(f"the largest request needs {self.decode_floor} decode GPUs: an "
                              f"elastic cluster of {self.gpus} GPUs cannot also prefill")
+
+    def arrived(self, prompt_tokens: int, decode_kv: int, ttft_slo_s: float,
+                seconds_on: Callable[[int, int], float], isolated_s: float) -> None:
+        """A request arrived: `seconds_on(tokens, gpus)` its prefill alone on that many GPUs,
+        `isolated_s` its SLO's reference TTFT. Updates the rates, the prefill target (the
+        median SLO scale of recent arrivals) and width (the GPUs that nine in ten recent
+        arrivals need to prefill within their TTFT SLO alone: fewer prefill GPUs than that
+        misses them however idle the pool is)."""
+        self.signals.arrived(seconds_on(prompt_tokens, 1), decode_kv)
+        self._scales.append(ttft_slo_s / isolated_s if isolated_s > 0 else math.inf)
+        self.prefill_target = prefill_target(statistics.median(self._scales))
+        width = next((k for k in range(1, self.gpus) if seconds_on(prompt_tokens, k)
+                      <= ttft_slo_s), self.gpus - 1)
+        self._widths.append(width)
+        ranked = sorted(self._widths)
+        self.prefill_width = ranked[min(len(ranked) - 1, int(WIDTH_QUANTILE * len(ranked)))]
 
     def state(self, now: float, *, chunk_seconds: Callable[[int, int], float],
               kv_capacity: int, waiting_kv: int, decode_kv_of: Callable[[str], int]
@@ -97,7 +122,8 @@ class RoleBook:
         return RoleState(
             now, roles, tuple(self.changed), free, tuple(ledger.decode_reserved), kv_capacity,
             backlog, waiting_kv, coming, s.prefill_rate, s.kv_in_rate, s.kv_out_rate,
-            self.decode_floor, efficiency, tuple(streaming), self.nodes, self.prefill_target)
+            self.decode_floor, efficiency, tuple(streaming), self.nodes, self.prefill_target,
+            self.prefill_width)
 
     def apply(self, decision: RoleDecision, state: RoleState, now: float) -> RoleDecision:
         """The decision as far as it still holds in `state` (now; work may have come since it

@@ -62,6 +62,8 @@ class RoleState:
     nodes: tuple[int, ...] = ()  # node of each GPU (empty: one node)
     # The prefill utilisation the TTFT SLO leaves room for (`prefill_target`).
     prefill_target: float = 1.0
+    # Prefill GPUs most recent requests need to meet their TTFT SLO alone (`RoleBook.arrived`).
+    prefill_width: int = 1
 
     def count(self, role: str) -> int:
         return sum(1 for r in self.roles if r == role)
